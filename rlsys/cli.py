@@ -1,0 +1,64 @@
+"""The ``rlsys`` command line: one subcommand per task, each with ``--help``.
+
+Subcommands import their heavy dependencies lazily so ``rlsys --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", default="smollm2-135m-grpo-cpu",
+                        help="experiment config name, a YAML file under configs/ (default: %(default)s)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="Hydra-style overrides, e.g. reward.timeout_s=3 data.seed=2")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rlsys",
+        description="GRPO training of math-reasoning LLMs: Megatron-core actor, SGLang rollout, ±5 verifiable reward.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    ev = sub.add_parser(
+        "eval", help="score a model on a config's validation data with the ±5 math reward",
+        description="Generate answers for the validation prompts of an experiment config with the "
+                    "HF transformers engine and score them with the sandboxed ±5 boxed-answer reward. "
+                    "Writes one JSONL line per example and prints accuracy and mean reward.",
+    )
+    _add_config_args(ev)
+    ev.add_argument("--limit", type=int, default=None, help="score only the first N validation prompts")
+    ev.add_argument("--max-new-tokens", type=int, default=128, help="response budget (default: %(default)s)")
+    ev.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: %(default)s)")
+    ev.add_argument("--n", type=int, default=1, help="samples per prompt (default: %(default)s)")
+    ev.add_argument("--output", default=None, help="output directory (default: <runner.output_dir>/eval)")
+    ev.set_defaults(handler=_run_eval)
+    return parser
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from rlsys.eval.simple import evaluate_config
+
+    evaluate_config(args.config, args.overrides, limit=args.limit, max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature, n=args.n, output=args.output)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rlsys.config import ConfigError
+
+    args = _build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as exc:
+        print(f"rlsys: config error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

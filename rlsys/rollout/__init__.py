@@ -1,0 +1,1 @@
+"""Rollout engines behind one small interface (see ``base.py``)."""

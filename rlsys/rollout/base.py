@@ -1,0 +1,58 @@
+"""The rollout interface every engine implements.
+
+Choices:
+- Prompts arrive as token ids (already chat-templated by ``rlsys.data``), so every engine
+  samples from exactly the tokens the actor will score.
+- ``generate`` takes the whole batch at once; engines schedule it as one batch, never a loop
+  over prompts.
+- Results are ordered prompt-major: the ``n`` samples of prompt 0, then of prompt 1, ...
+  That is the group layout the advantage functions expect.
+- ``logprobs`` are the log-probabilities of the sampled tokens under the model's raw
+  distribution divided by the temperature (no top-p/top-k renormalisation), the quantity the
+  actor recomputes; with temperature 0 they are taken at temperature 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0
+    """0 means greedy decoding."""
+    top_p: float = 1.0
+    top_k: int = -1
+    """-1 disables top-k."""
+    max_new_tokens: int = 256
+    stop: list[str] = field(default_factory=list)
+    """Strings that end a response (the stop string is kept in the text)."""
+    n: int = 1
+    """Samples per prompt."""
+    seed: int = 0
+    """Seed of this call's sampling; the caller derives it from (step, ...)."""
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens <= 0 or self.n <= 0:
+            raise ValueError("max_new_tokens and n must be positive")
+
+
+@dataclass
+class Sample:
+    prompt_index: int
+    response_ids: list[int]
+    response_text: str
+    logprobs: list[float]
+    finish_reason: str
+    """'stop' (end-of-sequence token or a stop string) or 'length'."""
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[Sample]: ...
+
+    def shutdown(self) -> None: ...
