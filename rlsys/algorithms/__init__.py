@@ -1,0 +1,29 @@
+"""Pure tensor functions of GRPO: advantages, policy losses, importance-ratio early stop, entropy.
+
+No Megatron or Ray here; the only distributed call is the optional all_reduce of the early stop.
+"""
+
+from rlsys.algorithms.advantages import (
+    advantages_to_tokens,
+    group_relative_advantages,
+    nonzero_variance_group_mask,
+    overlong_penalty,
+)
+from rlsys.algorithms.early_stop import importance_ratio_early_stop, zero_loss_if_skipped
+from rlsys.algorithms.entropy import entropy_from_logits
+from rlsys.algorithms.policy_loss import AggMode, LossType, aggregate_token_losses, kl_k3, policy_loss
+
+__all__ = [
+    "AggMode",
+    "LossType",
+    "advantages_to_tokens",
+    "aggregate_token_losses",
+    "entropy_from_logits",
+    "group_relative_advantages",
+    "importance_ratio_early_stop",
+    "kl_k3",
+    "nonzero_variance_group_mask",
+    "overlong_penalty",
+    "policy_loss",
+    "zero_loss_if_skipped",
+]
