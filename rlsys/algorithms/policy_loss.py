@@ -3,8 +3,9 @@
 Choices and simplifications:
 - Per-token loss ``l_t = pg_t + kl_coef * k3_ref_t - entropy_coef * H_t``, then ONE aggregation
   (``agg_mode``) for the whole sum, so the KL and entropy terms are weighted like the policy term.
-- ``ratio_t = exp(logp_t - old_logp_t)``; the log-ratio is clamped to ±20 before ``exp`` only to
-  keep padding and diverged tokens finite (a real update never gets near e^20).
+- ``ratio_t = exp(logp_t - old_logp_t)``. This log-ratio and the one inside k3 are clamped to ±20
+  before ``exp`` only to keep padding and diverged tokens finite (a real update never gets near
+  e^20); past the clamp the term has no gradient.
 - ``grpo_clip``: PPO's pessimistic clipped surrogate with clip-higher (DAPO):
       pg_t = max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - clip_low, 1 + clip_high))
   ``clip_high > clip_low`` lets low-probability tokens with A > 0 grow further before the clip
@@ -147,8 +148,7 @@ def policy_loss(
 
     log_ratio = (logprobs - old_logprobs).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
     ratio = torch.exp(log_ratio)
-    no_clip = torch.zeros_like(valid)
-    clipped_high = clipped_low = dual_clipped = no_clip
+    clipped_high = clipped_low = dual_clipped = torch.zeros_like(valid)
     if loss_type == "grpo_clip":
         unclipped_loss = -advantages * ratio
         clipped_loss = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
