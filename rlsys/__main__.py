@@ -1,3 +1,5 @@
 from rlsys.cli import main
 
-raise SystemExit(main())
+# Guarded: process pools started with spawn/forkserver re-import the main module.
+if __name__ == "__main__":
+    raise SystemExit(main())
