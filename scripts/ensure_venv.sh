@@ -21,10 +21,20 @@ fi
 
 echo "[rlsys] installing into $venv (first run takes about two minutes)" >&2
 [[ -x "$venv/bin/python" ]] || "$python_bin" -m venv "$venv"
-pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+pip=("$venv/bin/python" -m pip --disable-pip-version-check)
+log="$venv/install.log"
+: > "$log"
+run_pip() {
+  if ! "${pip[@]}" "$@" >>"$log" 2>&1; then
+    grep -v "^WARNING: Location" "$log" | tail -n 40 >&2
+    echo "[rlsys] pip $* failed; full log: $log" >&2
+    exit 1
+  fi
+}
 # A fresh venv's setuptools is too old to build torch-era packages.
-"${pip[@]}" install "setuptools>=77" 2> >(grep -v "^WARNING: Location" >&2)
+run_pip install "setuptools>=77"
 # --no-deps: the lock is complete; see its header for why the resolver must not run.
-"${pip[@]}" install --no-deps -r "$root/requirements/cpu.lock" 2> >(grep -v "^WARNING: Location" >&2)
-"${pip[@]}" install --no-deps --no-build-isolation -e "$root" 2> >(grep -v "^WARNING: Location" >&2)
+run_pip install --no-deps -r "$root/requirements/cpu.lock"
+run_pip install --no-deps --no-build-isolation -e "$root"
 echo "$want" > "$stamp"
+echo "[rlsys] installed; log in $log" >&2
