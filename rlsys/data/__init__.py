@@ -1,0 +1,27 @@
+"""Training and validation prompts: Boba JSONL files, chat-template rendering, resumable batches."""
+
+from rlsys.data.dataset import (
+    Prompt,
+    PromptDataset,
+    load_prompts,
+    load_train_prompts,
+    load_val_prompts,
+    render_prompt,
+)
+from rlsys.data.jsonl import DataError, Example, read_jsonl
+from rlsys.data.sampler import EpochBatchSampler, PromptBatches, epoch_order
+
+__all__ = [
+    "DataError",
+    "EpochBatchSampler",
+    "Example",
+    "Prompt",
+    "PromptBatches",
+    "PromptDataset",
+    "epoch_order",
+    "load_prompts",
+    "load_train_prompts",
+    "load_val_prompts",
+    "read_jsonl",
+    "render_prompt",
+]

@@ -1,0 +1,191 @@
+"""Prompt datasets: JSONL examples rendered into prompt text and token ids.
+
+Choices
+    * With ``apply_chat_template`` on, a prompt is rendered by the tokenizer's own chat template
+      with ``add_generation_prompt=True``; a string prompt becomes one user message, preceded by
+      ``system_prompt`` when one is set, and a message-list prompt is used as written
+      (``system_prompt`` is not added to it). The rendered text is then tokenised without adding
+      special tokens, which is exactly what ``tokenizer.apply_chat_template(..., tokenize=True)``
+      does: the template already contains every special token the model expects.
+    * With it off, a string prompt is tokenised as written with the tokenizer's defaults
+      (``tokenizer(text)``), so a model whose tokenizer adds a BOS token gets it, as it would from
+      a server given the raw text. Message-list prompts need a template and are an error then.
+    * Prompts longer than ``max_prompt_length`` tokens are dropped when the dataset loads; the
+      count is kept on the dataset and logged. Nothing else is dropped.
+    * Relative data paths are resolved against ``base`` when given, else the working directory.
+    * Several files are concatenated in the order listed; every prompt remembers ``path:LINE``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from jinja2 import TemplateError
+
+from rlsys.data.jsonl import DataError, Example, PromptContent, read_jsonl
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from rlsys.config import DataConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt ready for generation."""
+
+    index: int
+    """Position in its dataset (after overlong prompts were dropped)."""
+    text: str
+    """The prompt as rendered for the model (with the chat template when it is applied)."""
+    token_ids: tuple[int, ...]
+    """Token ids of ``text``, the input of generation."""
+    answers: tuple[str, ...]
+    """Reference answers."""
+    location: str
+    """``path:LINE`` of the source line."""
+
+
+@dataclass(frozen=True)
+class PromptDataset:
+    """Prompts in file order, with the number dropped for being longer than the limit."""
+
+    prompts: tuple[Prompt, ...]
+    num_dropped_overlong: int
+    """Prompts left out because they had more than ``max_prompt_length`` tokens."""
+    max_prompt_length: int
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, index: int) -> Prompt:
+        return self.prompts[index]
+
+    def __iter__(self) -> Iterator[Prompt]:
+        return iter(self.prompts)
+
+    def batches(self, batch_size: int) -> Iterator[list[Prompt]]:
+        """Consecutive batches in file order; the last one may be smaller. For validation."""
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        for start in range(0, len(self.prompts), batch_size):
+            yield list(self.prompts[start : start + batch_size])
+
+
+def render_prompt(
+    prompt: PromptContent,
+    tokenizer: PreTrainedTokenizerBase,
+    apply_chat_template: bool,
+    system_prompt: str | None = None,
+) -> str:
+    """The prompt text the model sees (see the module docstring for the rules)."""
+    if not apply_chat_template:
+        if not isinstance(prompt, str):
+            raise DataError("a list of chat messages needs data.apply_chat_template=true")
+        return prompt
+    _require_chat_template(tokenizer)
+    if isinstance(prompt, str):
+        messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
+        messages.append({"role": "user", "content": prompt})
+    else:
+        messages = prompt
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _require_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
+    if tokenizer.chat_template is None:
+        raise DataError(
+            f"tokenizer {tokenizer.name_or_path!r} has no chat template; "
+            "set data.apply_chat_template=false to use prompts as written"
+        )
+
+
+def load_prompts(
+    files: Sequence[str | Path],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    prompt_key: str = "prompt",
+    answer_key: str = "solutions",
+    apply_chat_template: bool = True,
+    system_prompt: str | None = None,
+    max_prompt_length: int = 1024,
+    base: Path | None = None,
+) -> PromptDataset:
+    """Read, render and tokenise every prompt of ``files``; drop and count the overlong ones."""
+    examples: list[Example] = []
+    for file in files:
+        path = Path(file) if base is None else base / file
+        examples.extend(read_jsonl(path, prompt_key=prompt_key, answer_key=answer_key))
+
+    if apply_chat_template:
+        # Checked once here so the error does not look like a fault of the first prompt.
+        _require_chat_template(tokenizer)
+    texts = []
+    for example in examples:
+        try:
+            texts.append(render_prompt(example.prompt, tokenizer, apply_chat_template, system_prompt))
+        except DataError as exc:
+            raise DataError(f"{example.location}: {exc}") from None
+        except TemplateError as exc:  # templates reject conversations they cannot render
+            raise DataError(f"{example.location}: the chat template failed: {exc}") from exc
+
+    # Chat-rendered text already holds its special tokens; plain text gets the tokenizer's defaults.
+    encoded = tokenizer(texts, add_special_tokens=not apply_chat_template)["input_ids"] if texts else []
+
+    prompts = []
+    num_dropped = 0
+    for example, text, token_ids in zip(examples, texts, encoded):
+        if len(token_ids) > max_prompt_length:
+            num_dropped += 1
+            continue
+        prompts.append(Prompt(len(prompts), text, tuple(token_ids), example.answers, example.location))
+    if num_dropped:
+        logger.warning(
+            "dropped %d of %d prompts longer than %d tokens from %s",
+            num_dropped,
+            len(examples),
+            max_prompt_length,
+            ", ".join(str(f) for f in files),
+        )
+    return PromptDataset(tuple(prompts), num_dropped, max_prompt_length)
+
+
+def load_train_prompts(
+    config: DataConfig, tokenizer: PreTrainedTokenizerBase, base: Path | None = None
+) -> PromptDataset:
+    """The training prompts of a ``DataConfig``; an error when none are left."""
+    dataset = _load_split(config, config.train_files, tokenizer, base)
+    if not len(dataset):
+        raise DataError(
+            f"data.train_files: no prompts in {config.train_files} "
+            f"({dataset.num_dropped_overlong} longer than data.max_prompt_length={config.max_prompt_length})"
+        )
+    return dataset
+
+
+def load_val_prompts(
+    config: DataConfig, tokenizer: PreTrainedTokenizerBase, base: Path | None = None
+) -> PromptDataset:
+    """All validation prompts of a ``DataConfig``, in file order (empty when there are no files)."""
+    return _load_split(config, config.val_files, tokenizer, base)
+
+
+def _load_split(
+    config: DataConfig, files: Sequence[str], tokenizer: PreTrainedTokenizerBase, base: Path | None
+) -> PromptDataset:
+    return load_prompts(
+        files,
+        tokenizer,
+        prompt_key=config.prompt_key,
+        answer_key=config.answer_key,
+        apply_chat_template=config.apply_chat_template,
+        system_prompt=config.system_prompt,
+        max_prompt_length=config.max_prompt_length,
+        base=base,
+    )
