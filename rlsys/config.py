@@ -146,11 +146,159 @@ class RunnerConfig:
 
 
 @dataclass
+class ActorConfig:
+    SECTION: ClassVar[str] = "actor"
+
+    TRANSFORMER_IMPLS: ClassVar[tuple[str, ...]] = ("auto", "local", "transformer_engine")
+    PARAMS_DTYPES: ClassVar[tuple[str, ...]] = ("auto", "float32", "bfloat16")
+    LR_SCHEDULES: ClassVar[tuple[str, ...]] = ("constant", "warmup")
+
+    tp: int = 1
+    """Tensor-parallel size; must divide the attention heads and the KV heads (or be a multiple of them)."""
+    pp: int = 1
+    """Pipeline-parallel size; must divide the number of layers. DP is world size / (tp * pp)."""
+    transformer_impl: str = "auto"
+    """Layer implementation: local, transformer_engine, or auto (TE when CUDA and TE are present)."""
+    params_dtype: str = "auto"
+    """Parameter dtype: float32, bfloat16, or auto (float32 on CPU, bfloat16 on GPU)."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallel (needs tp > 1): splits norms and dropout activations over TP ranks."""
+    activation_recompute: bool = False
+    """Recompute every layer's activations in backward (less memory, about a third more compute)."""
+    max_tokens_per_microbatch: int = 4096
+    """Token budget of one microbatch, counting padding: rows times its longest sequence."""
+    n_minibatches: int = 1
+    """Optimizer steps per rollout batch; the batch is split into this many contiguous minibatches."""
+    lr: float = 1e-6
+    """Peak learning rate."""
+    lr_schedule: str = "constant"
+    """constant, or warmup: linear from min_lr to lr over lr_warmup_steps optimizer steps, then constant."""
+    lr_warmup_steps: int = 0
+    """Optimizer steps of linear warmup (lr_schedule=warmup)."""
+    min_lr: float = 0.0
+    """Learning rate of the first warmup step (lr_schedule=warmup)."""
+    weight_decay: float = 0.01
+    """Decoupled (AdamW) weight decay; megatron exempts biases and norm weights."""
+    adam_beta1: float = 0.9
+    """Adam first-moment decay."""
+    adam_beta2: float = 0.999
+    """Adam second-moment decay."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip; 0 turns clipping off."""
+    use_distributed_optimizer: bool = True
+    """Shard optimizer state over data-parallel ranks (megatron's DistributedOptimizer)."""
+    recompute_old_logprobs: bool = True
+    """Recompute old log-probs with the actor before the update instead of using the rollout's."""
+    max_consecutive_nonfinite: int = 3
+    """Raise after this many optimizer steps in a row were skipped for a non-finite loss or grad norm."""
+    checkpoint_dir: str = "${runner.output_dir}/checkpoints"
+    """Directory of actor checkpoints (one megatron distributed checkpoint per saved step)."""
+    save_interval: int = 0
+    """Save a checkpoint every this many training steps; 0 saves none."""
+    save_optimizer: bool = True
+    """Include optimizer and scheduler state in checkpoints (needed to resume exactly)."""
+    resume: bool = True
+    """Resume from the latest checkpoint in checkpoint_dir when there is one."""
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp", "max_tokens_per_microbatch", "n_minibatches", "max_consecutive_nonfinite"):
+            if getattr(self, name) < 1:
+                _fail(self.SECTION, name, f"must be >= 1, got {getattr(self, name)}")
+        choices = {
+            "transformer_impl": self.TRANSFORMER_IMPLS,
+            "params_dtype": self.PARAMS_DTYPES,
+            "lr_schedule": self.LR_SCHEDULES,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                _fail(self.SECTION, name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.sequence_parallel and self.tp == 1:
+            _fail(self.SECTION, "sequence_parallel", "needs tp > 1")
+        if self.lr <= 0:
+            _fail(self.SECTION, "lr", f"must be positive, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            _fail(self.SECTION, "min_lr", f"must be in [0, lr={self.lr}], got {self.min_lr}")
+        if self.lr_warmup_steps < 0:
+            _fail(self.SECTION, "lr_warmup_steps", f"must be >= 0, got {self.lr_warmup_steps}")
+        if self.lr_schedule == "warmup" and self.lr_warmup_steps == 0:
+            _fail(self.SECTION, "lr_warmup_steps", "must be >= 1 with lr_schedule=warmup")
+        if self.weight_decay < 0:
+            _fail(self.SECTION, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                _fail(self.SECTION, name, f"must be in [0, 1), got {getattr(self, name)}")
+        if self.adam_eps <= 0:
+            _fail(self.SECTION, "adam_eps", f"must be positive, got {self.adam_eps}")
+        if self.clip_grad < 0:
+            _fail(self.SECTION, "clip_grad", f"must be >= 0 (0 turns clipping off), got {self.clip_grad}")
+        if self.save_interval < 0:
+            _fail(self.SECTION, "save_interval", f"must be >= 0, got {self.save_interval}")
+        if self.save_interval > 0 and not self.checkpoint_dir:
+            _fail(self.SECTION, "checkpoint_dir", "must be set when save_interval > 0")
+
+
+@dataclass
+class AlgorithmConfig:
+    SECTION: ClassVar[str] = "algorithm"
+
+    LOSS_TYPES: ClassVar[tuple[str, ...]] = ("grpo_clip", "reinforce_with_baseline", "no_baseline")
+    AGG_MODES: ClassVar[tuple[str, ...]] = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+    EARLY_STOP_GRANULARITIES: ClassVar[tuple[str, ...]] = ("microbatch", "minibatch")
+
+    loss_type: str = "grpo_clip"
+    """Policy loss: grpo_clip (clipped ratio), reinforce_with_baseline, or no_baseline."""
+    clip_low: float = 0.2
+    """Lower clip: the ratio of a token with negative advantage is clipped at 1 - clip_low."""
+    clip_high: float = 0.28
+    """Upper clip (clip-higher): the ratio of a token with positive advantage is clipped at 1 + clip_high."""
+    dual_clip_c: float | None = None
+    """Dual-clip constant c > 1 bounding the loss of negative-advantage tokens; null turns it off."""
+    agg_mode: str = "token-mean"
+    """Loss aggregation: token-mean, seq-mean-token-mean or seq-mean-token-sum."""
+    kl_coef: float = 0.0
+    """Weight of the k3 KL penalty to the reference policy (needs reference log-probs)."""
+    entropy_coef: float = 0.0
+    """Weight of the entropy bonus (subtracted from the loss)."""
+    early_stop_imp_ratio: float | None = 5.0
+    """Skip data whose mean importance ratio exceeds this; null turns the check off."""
+    early_stop_granularity: str = "microbatch"
+    """Unit the early stop drops: one microbatch, or a whole minibatch (one optimizer step)."""
+    norm_adv_by_std: bool = True
+    """Divide group-relative advantages by the group's standard deviation."""
+    filter_zero_variance_groups: bool = False
+    """Drop groups whose rewards are all equal (they carry no gradient) before the update."""
+
+    def __post_init__(self) -> None:
+        choices = {
+            "loss_type": self.LOSS_TYPES,
+            "agg_mode": self.AGG_MODES,
+            "early_stop_granularity": self.EARLY_STOP_GRANULARITIES,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                _fail(self.SECTION, name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if not 0 <= self.clip_low < 1:
+            _fail(self.SECTION, "clip_low", f"must be in [0, 1), got {self.clip_low}")
+        if self.clip_high < 0:
+            _fail(self.SECTION, "clip_high", f"must be >= 0, got {self.clip_high}")
+        if self.dual_clip_c is not None and self.dual_clip_c <= 1:
+            _fail(self.SECTION, "dual_clip_c", f"must be > 1 (or null), got {self.dual_clip_c}")
+        if self.kl_coef < 0:
+            _fail(self.SECTION, "kl_coef", f"must be >= 0, got {self.kl_coef}")
+        if self.early_stop_imp_ratio is not None and self.early_stop_imp_ratio <= 1:
+            _fail(self.SECTION, "early_stop_imp_ratio", f"must be > 1 (or null), got {self.early_stop_imp_ratio}")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
 
 
 ConfigStore.instance().store(name="rlsys_schema", node=RunConfig)

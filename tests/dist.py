@@ -102,7 +102,10 @@ def run_distributed(
             target=_run_rank,
             args=(worker, rank, world_size, port, tuple(args), timeout_s, results),
             name=f"rank{rank}",
-            daemon=True,
+            # Not daemonic: megatron's dist_checkpointing save starts child processes (a
+            # multiprocessing manager and writer processes), which daemonic processes may not
+            # have. Every rank is still killed in the ``finally`` below.
+            daemon=False,
         )
         for rank in range(world_size)
     ]
