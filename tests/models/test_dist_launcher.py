@@ -62,6 +62,7 @@ def test_a_rank_that_dies_silently_fails_the_call_with_its_exit_code() -> None:
 
 def test_a_hung_rank_fails_the_call_within_the_timeout() -> None:
     started = time.monotonic()
-    with pytest.raises(TimeoutError, match=r"ranks \[1\] did not finish"):
-        run_distributed(_rank_one_hangs, 2, timeout_s=10)
-    assert time.monotonic() - started < 30
+    # Rank 0 may also still be importing on a loaded machine, so only rank 1 must be named.
+    with pytest.raises(TimeoutError, match=r"ranks \[(0, )?1\] did not finish"):
+        run_distributed(_rank_one_hangs, 2, timeout_s=20)
+    assert time.monotonic() - started < 45
