@@ -36,7 +36,54 @@ def _build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--n", type=int, default=1, help="samples per prompt (default: %(default)s)")
     ev.add_argument("--output", default=None, help="output directory (default: <runner.output_dir>/eval)")
     ev.set_defaults(handler=_run_eval)
+
+    conv = sub.add_parser(
+        "convert", help="convert between HF checkpoints and Megatron distributed checkpoints",
+        description="Convert model weights between an HF directory (safetensors + config + tokenizer) "
+                    "and a Megatron distributed checkpoint. Starts the processes it needs on this host.",
+    )
+    directions = conv.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
+    to_mcore = directions.add_parser(
+        "hf-to-mcore", help="HF directory -> Megatron distributed checkpoint at a TP/PP layout",
+        description="Write an HF checkpoint as a Megatron distributed checkpoint sharded for TP x PP "
+                    "(it loads at any other layout later). The output directory must be new or empty.",
+    )
+    to_mcore.add_argument("--hf-path", required=True, help="HF model directory (safetensors + config.json)")
+    to_mcore.add_argument("--output", required=True, help="new directory for the Megatron checkpoint")
+    to_mcore.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default: %(default)s)")
+    to_mcore.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default: %(default)s)")
+    to_mcore.set_defaults(handler=_run_hf_to_mcore)
+    to_hf = directions.add_parser(
+        "mcore-to-hf", help="Megatron distributed checkpoint -> HF directory",
+        description="Write the model of a Megatron checkpoint (converted, or saved by training) as an HF "
+                    "directory that transformers loads as is. The output directory must be new or empty.",
+    )
+    to_hf.add_argument("--mcore-path", required=True, help="Megatron checkpoint directory")
+    to_hf.add_argument("--output", required=True, help="new directory for the HF model")
+    to_hf.set_defaults(handler=_run_mcore_to_hf)
     return parser
+
+
+def _positive(name: str, value: int) -> int:
+    if value < 1:
+        raise SystemExit(f"rlsys convert: --{name} must be >= 1, got {value}")
+    return value
+
+
+def _run_hf_to_mcore(args: argparse.Namespace) -> int:
+    from rlsys.actor.convert import convert_hf_to_mcore
+
+    out = convert_hf_to_mcore(args.hf_path, args.output, tp=_positive("tp", args.tp), pp=_positive("pp", args.pp))
+    print(f"[rlsys convert] wrote Megatron checkpoint (tp={args.tp}, pp={args.pp}) to {out}")
+    return 0
+
+
+def _run_mcore_to_hf(args: argparse.Namespace) -> int:
+    from rlsys.actor.convert import convert_mcore_to_hf
+
+    out = convert_mcore_to_hf(args.mcore_path, args.output)
+    print(f"[rlsys convert] wrote HF model to {out}")
+    return 0
 
 
 def _run_eval(args: argparse.Namespace) -> int:
