@@ -1,0 +1,523 @@
+"""The Megatron actor: log-probs of rollouts and the GRPO update, under TP x PP x DP.
+
+Checked against megatron-core 0.16.1.
+
+Every rank of the actor runs the same calls on the same ``RolloutBatch`` (SPMD); each takes its
+data-parallel share, and every rank gets every result back, in the batch's order. The actor owns
+the default process group: its world is the actor's ranks (dist_checkpointing and the
+"all ranks agree" reductions use it).
+
+Choices, and what must stay true:
+- Microbatches: token budget ``max_tokens_per_microbatch``, greedy in order, right-padded (not
+  packed; see ``rlsys.actor.microbatch``). Padding cannot change real tokens under causal
+  attention, so log-probs equal the unpadded model's. Every DP rank runs the same number of
+  microbatches (the largest count, by splitting or empty fillers).
+- Schedule: megatron's ``get_forward_backward_func()`` for every pass (no pipelining at PP=1,
+  1F1B otherwise); log-prob passes are ``forward_only``. Logits stay vocab-sharded under TP
+  (``rlsys.actor.vocab_parallel``); padded vocabulary columns are masked to ``-inf``.
+- Loss scale. Megatron's schedule divides each microbatch loss by the number of microbatches
+  ``M``, and its DDP averages gradients over the ``dp`` ranks. The policy loss of a microbatch is
+  normalised by the GLOBAL count of the minibatch (valid tokens for token-mean, sequences with a
+  valid token for the seq-mean modes; summed over microbatches and DP ranks), so the sum of all
+  microbatch losses on all ranks IS the minibatch loss. Each microbatch returns
+  ``loss * M * dp`` to the schedule, which turns the accumulated, DP-averaged gradient into the
+  gradient of that sum: the same gradient at any TP / PP / DP and any microbatch split.
+- Importance-ratio early stop (``algorithm.early_stop_imp_ratio``):
+  ``microbatch``: checked inside each microbatch's loss (before its backward), over that
+  microbatch's tokens on all DP ranks together (``importance_ratio_early_stop`` with the DP
+  group); a tripped microbatch's loss is multiplied by 0, so it adds no gradient while every
+  collective of its backward still runs (the minibatch's normaliser, fixed before any check,
+  still counts its tokens). ``minibatch``: one extra forward-only pass over the
+  minibatch computes its mean ratio over all DP ranks before any backward; a tripped minibatch
+  runs no backward and no optimizer step at all (Adam moments, weight decay and the scheduler
+  do not move). Counted in ``early_stopped`` (microbatches or minibatches, by granularity). A
+  step whose every microbatch tripped is not applied either (Adam would otherwise still move
+  the weights along its old moments).
+- Optimizer step, done here rather than by ``optimizer.step()`` because megatron's float32
+  optimizer has no non-finite check: prepare the gradients, compute the global grad norm, and
+  apply clipping and the update only if the loss, the norm (and, for loss-scaled fp16-style
+  optimizers, megatron's own inf check) are finite on EVERY rank (one MAX all-reduce). A skipped
+  step changes nothing (no update, no scheduler advance), is counted in ``skipped_nonfinite``,
+  and ``max_consecutive_nonfinite`` skips in a row raise ``NonFiniteTrainingError``.
+- Old log-probs: recomputed by this actor before the update when
+  ``actor.recompute_old_logprobs`` (the rollout engine's own log-probs differ slightly);
+  otherwise the batch must carry them. Reference log-probs (for ``kl_coef > 0``) come with the
+  batch, e.g. from a second actor built with ``for_training=False`` on the reference weights.
+- Metrics are token-weighted over all trained microbatches of the step and equal on all ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from torch import Tensor
+
+from rlsys.actor import checkpoint as ckpt
+from rlsys.actor.build import build_model, build_optimizer, build_scheduler, wrap_for_training
+from rlsys.actor.checkpoint_files import write_latest
+from rlsys.actor.microbatch import (
+    Microbatch,
+    RolloutBatch,
+    build_microbatch,
+    data_parallel_share,
+    equalize_microbatch_count,
+    minibatch_slices,
+    plan_microbatches,
+)
+from rlsys.actor.parallel import ParallelLayout, destroy_parallel, initialize_parallel, runs_on_cpu
+from rlsys.actor.vocab_parallel import token_logprobs_and_entropy
+from rlsys.algorithms import importance_ratio_early_stop, policy_loss, zero_loss_if_skipped
+from rlsys.config import ActorConfig, AlgorithmConfig
+from rlsys.models.architecture import architecture_of
+from rlsys.models.megatron_weights import iter_hf_weights, load_hf_into_megatron
+
+# Per-microbatch statistics carried from the loss function (last stage) to the metrics, in order.
+_STATS = (
+    "loss",
+    "entropy_sum",
+    "ratio_sum",
+    "clip_sum",
+    "approx_kl_sum",
+    "tokens",
+    "contributing_tokens",
+    "early_stopped",
+    "nonfinite",
+)
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
+
+
+@dataclass
+class LogProbs:
+    """Per-sequence response log-probs (and entropies), in the batch's order."""
+
+    logprobs: list[Tensor]
+    entropy: list[Tensor] | None = None
+
+
+class MegatronActor:
+    """One rank of the actor. Build it on every rank with the same arguments (SPMD)."""
+
+    def __init__(
+        self,
+        actor: ActorConfig,
+        algorithm: AlgorithmConfig | None = None,
+        *,
+        model_path: str | Path | None = None,
+        hf_config: Any = None,
+        seed: int = 1,
+        for_training: bool = True,
+        **model_overrides: Any,
+    ) -> None:
+        """``model_path``: HF directory to load (config and weights). Without it, ``hf_config``
+        gives the shape and the weights are megatron's random initialisation. ``model_overrides``
+        go to ``build_gpt_model`` (e.g. ``local_core_attention``, TransformerConfig fields)."""
+        if model_path is None and hf_config is None:
+            raise ValueError("MegatronActor needs model_path or hf_config")
+        self.actor = actor
+        self.algorithm = algorithm or AlgorithmConfig()
+        self.layout: ParallelLayout = initialize_parallel(actor.tp, actor.pp, seed=seed)
+        if hf_config is None:
+            from transformers import AutoConfig
+
+            hf_config = AutoConfig.from_pretrained(model_path)
+        self.hf_config = hf_config
+        self.model_path = Path(model_path) if model_path is not None else None
+        self.vocab_size = architecture_of(hf_config).vocab_size
+        self.model = build_model(hf_config, actor, on_cpu=runs_on_cpu(), **model_overrides)
+        if self.model_path is not None:
+            load_hf_into_megatron(self.model, self.model_path, hf_config)
+        self.wrapped = wrap_for_training(self.model, actor) if for_training else None
+        self.optimizer = build_optimizer(self.wrapped, actor) if self.wrapped is not None else None
+        self.scheduler = build_scheduler(self.optimizer, actor) if self.optimizer is not None else None
+        self.train_steps = 0
+        self.consecutive_nonfinite = 0
+        # Sequence parallel splits the sequence over TP ranks, so lengths must divide by TP.
+        self._length_multiple = actor.tp if actor.sequence_parallel else 1
+        self._dp_group = parallel_state.get_data_parallel_group()
+        self._pp_group = parallel_state.get_pipeline_model_parallel_group()
+
+    # ------------------------------------------------------------------ log-probs
+
+    def compute_logprobs(self, batch: RolloutBatch, *, with_entropy: bool = False) -> LogProbs:
+        """Log-probs (and entropy) of every response token under the current weights."""
+        self.model.eval()
+        microbatches = self._microbatches(batch, range(len(batch)))
+
+        def collect(microbatch: Microbatch, output: Tensor, non_loss_data: bool = True) -> list[tuple]:
+            logprobs, entropy = token_logprobs_and_entropy(
+                output, microbatch.labels, self.vocab_size, with_entropy=with_entropy
+            )
+            values = microbatch.response_values(logprobs.float().cpu())
+            entropies = microbatch.response_values(entropy.cpu()) if entropy is not None else None
+            return [
+                (index, lp.clone(), entropies[row][1].clone() if entropies is not None else None)
+                for row, (index, lp) in enumerate(values)
+            ]
+
+        with torch.no_grad():
+            outputs = self._run_schedule(microbatches, collect, forward_only=True)
+        local = [item for output in outputs for item in output] if self.layout.is_last_stage else []
+        results = {index: (lp, ent) for index, lp, ent in self._gather_from_last_stages(local)}
+        return LogProbs(
+            logprobs=[results[i][0] for i in range(len(batch))],
+            entropy=[results[i][1] for i in range(len(batch))] if with_entropy else None,
+        )
+
+    # ------------------------------------------------------------------ training
+
+    def train_step(self, batch: RolloutBatch) -> dict[str, float]:
+        """One rollout batch: ``n_minibatches`` optimizer steps of the GRPO policy loss.
+
+        Returns, equal on every rank: ``policy_loss`` (mean over the minibatches that ran, before
+        early-stop zeroing), ``entropy`` / ``ratio`` / ``clip_fraction`` / ``approx_kl`` (token
+        means over them), ``grad_norm`` (mean over applied steps, before clipping), ``lr`` (of the
+        last step attempted), ``early_stopped``, ``skipped_nonfinite``, ``optimizer_steps``,
+        ``valid_tokens`` and ``microbatches`` (this rank's count).
+        """
+        if self.optimizer is None:
+            raise RuntimeError("this actor was built with for_training=False")
+        if batch.advantages is None:
+            raise ValueError("train_step needs advantages")
+        if self.algorithm.kl_coef > 0 and batch.ref_logprobs is None:
+            raise ValueError("algorithm.kl_coef > 0 needs ref_logprobs in the batch")
+        if self.actor.recompute_old_logprobs:
+            batch = batch.with_old_logprobs(self.compute_logprobs(batch).logprobs)
+        elif batch.old_logprobs is None:
+            raise ValueError("actor.recompute_old_logprobs is off, so the batch must carry old_logprobs")
+
+        totals = torch.zeros(len(_STATS), dtype=torch.float64)
+        losses, grad_norms = [], []
+        early_stopped_minibatches = skipped_nonfinite = applied = microbatch_count = 0
+        lr = self._current_lr()
+        for minibatch in minibatch_slices(len(batch), self.actor.n_minibatches):
+            microbatches = self._microbatches(batch, minibatch)
+            microbatch_count += len(microbatches)
+            num_tokens, num_seqs = self._global_counts(microbatches)
+            if num_tokens == 0:
+                continue
+            if self._minibatch_early_stop(microbatches):
+                early_stopped_minibatches += 1
+                continue
+            stats = self._forward_backward(microbatches, num_tokens, num_seqs)
+            totals += stats
+            losses.append(stats[_STATS.index("loss")].item())
+            if stats[_STATS.index("contributing_tokens")].item() == 0:
+                continue
+            lr = self._current_lr()
+            step_applied, grad_norm = self._optimizer_step(loss_is_finite=stats[_STATS.index("nonfinite")].item() == 0)
+            if step_applied:
+                applied += 1
+                grad_norms.append(grad_norm)
+                self.consecutive_nonfinite = 0
+            else:
+                skipped_nonfinite += 1
+                self.consecutive_nonfinite += 1
+                if self.consecutive_nonfinite >= self.actor.max_consecutive_nonfinite:
+                    raise NonFiniteTrainingError(
+                        f"{self.consecutive_nonfinite} optimizer steps in a row had a non-finite loss or "
+                        f"gradient norm (last grad norm {grad_norm}, actor.max_consecutive_nonfinite="
+                        f"{self.actor.max_consecutive_nonfinite}); check the advantages and old log-probs "
+                        "of the batch, and the learning rate"
+                    )
+        self.train_steps += 1
+
+        tokens = totals[_STATS.index("tokens")].item()
+
+        def token_mean(name: str) -> float:
+            return totals[_STATS.index(name)].item() / tokens if tokens else float("nan")
+
+        # Every DP rank counts each tripped microbatch (they decide together).
+        early_stopped = (
+            early_stopped_minibatches
+            if self.algorithm.early_stop_granularity == "minibatch"
+            else round(totals[_STATS.index("early_stopped")].item() / self.layout.dp)
+        )
+        return {
+            "policy_loss": sum(losses) / len(losses) if losses else float("nan"),
+            "entropy": token_mean("entropy_sum"),
+            "ratio": token_mean("ratio_sum"),
+            "clip_fraction": token_mean("clip_sum"),
+            "approx_kl": token_mean("approx_kl_sum"),
+            "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
+            "lr": lr,
+            "early_stopped": float(early_stopped),
+            "skipped_nonfinite": float(skipped_nonfinite),
+            "optimizer_steps": float(applied),
+            "valid_tokens": tokens,
+            "microbatches": float(microbatch_count),
+        }
+
+    def forward_backward(self, batch: RolloutBatch) -> dict[str, float]:
+        """Gradients of the whole batch's policy loss (one minibatch) in the DDP buffers, no optimizer step.
+
+        For benchmarks and gradient checks; ``train_step`` is the training entry point. The batch
+        must carry advantages and old log-probs.
+        """
+        if self.wrapped is None or batch.advantages is None or batch.old_logprobs is None:
+            raise ValueError("forward_backward needs a training actor and a batch with advantages and old_logprobs")
+        microbatches = self._microbatches(batch, range(len(batch)))
+        num_tokens, num_seqs = self._global_counts(microbatches)
+        stats = self._forward_backward(microbatches, num_tokens, num_seqs)
+        return {
+            "policy_loss": stats[_STATS.index("loss")].item(),
+            "valid_tokens": stats[_STATS.index("tokens")].item(),
+            "microbatches": float(len(microbatches)),
+        }
+
+    def _forward_backward(self, microbatches: list[Microbatch], num_tokens: float, num_seqs: float) -> Tensor:
+        """Gradients of the minibatch loss accumulated in the DDP buffers; summed stats (all ranks)."""
+        self.model.train()
+        self.wrapped.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        loss_func = partial(
+            self._microbatch_loss, num_tokens=num_tokens, num_seqs=num_seqs, num_microbatches=len(microbatches)
+        )
+        outputs = self._run_schedule(microbatches, loss_func, forward_only=False)
+        stats = torch.zeros(len(_STATS), dtype=torch.float64, device=self.layout.device)
+        if self.layout.is_last_stage:
+            for output in outputs:
+                stats += output["stats"].to(stats)
+            dist.all_reduce(stats, group=self._dp_group)
+        return self._from_last_stage(stats).cpu()
+
+    def _microbatch_loss(
+        self,
+        microbatch: Microbatch,
+        output: Tensor,
+        *,
+        num_tokens: float,
+        num_seqs: float,
+        num_microbatches: int,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        algorithm = self.algorithm
+        logprobs, entropy = token_logprobs_and_entropy(
+            output,
+            microbatch.labels,
+            self.vocab_size,
+            with_entropy=True,
+            entropy_requires_grad=algorithm.entropy_coef != 0,
+        )
+        loss, metrics = policy_loss(
+            logprobs,
+            microbatch.old_logprobs,
+            microbatch.advantages,
+            microbatch.loss_mask,
+            loss_type=algorithm.loss_type,
+            clip_low=algorithm.clip_low,
+            clip_high=algorithm.clip_high,
+            dual_clip_c=algorithm.dual_clip_c,
+            agg_mode=algorithm.agg_mode,
+            num_tokens_normalizer=num_tokens,
+            num_seqs_normalizer=num_seqs,
+            ref_logprobs=microbatch.ref_logprobs,
+            kl_coef=algorithm.kl_coef,
+            entropy=entropy,
+            entropy_coef=algorithm.entropy_coef,
+        )
+        early_stopped = False
+        if algorithm.early_stop_granularity == "microbatch" and algorithm.early_stop_imp_ratio is not None:
+            early_stopped, _ = importance_ratio_early_stop(
+                logprobs, microbatch.old_logprobs, microbatch.loss_mask, algorithm.early_stop_imp_ratio, self._dp_group
+            )
+        tokens = metrics["num_valid_tokens"]
+        detached_loss = loss.detach().float()
+        stats = torch.stack(
+            [
+                detached_loss,
+                metrics["entropy"] * tokens,
+                metrics["ratio_mean"] * tokens,
+                metrics["clip_frac"] * tokens,
+                metrics["approx_kl"] * tokens,
+                tokens,
+                tokens * (0.0 if early_stopped else 1.0),
+                torch.tensor(float(early_stopped), device=tokens.device),
+                (~torch.isfinite(detached_loss)).float(),
+            ]
+        ).double()
+        # Undo the schedule's 1/M and the DDP's 1/dp (module doc, "Loss scale"). The schedule
+        # divides the returned tensor in place, so it must not be a tensor kept elsewhere.
+        scaled = zero_loss_if_skipped(loss, early_stopped) * (num_microbatches * self.layout.dp)
+        return scaled, {"stats": stats}
+
+    def _minibatch_early_stop(self, microbatches: list[Microbatch]) -> bool:
+        """Minibatch granularity: whether the minibatch's mean ratio trips the early stop (all ranks)."""
+        threshold = self.algorithm.early_stop_imp_ratio
+        if self.algorithm.early_stop_granularity != "minibatch" or threshold is None:
+            return False
+        self.model.eval()
+
+        def valid_logprobs(microbatch: Microbatch, output: Tensor, non_loss_data: bool = True) -> tuple[Tensor, Tensor]:
+            logprobs, _ = token_logprobs_and_entropy(output, microbatch.labels, self.vocab_size, with_entropy=False)
+            mask = microbatch.loss_mask
+            return logprobs[mask].float(), microbatch.old_logprobs[mask].float()
+
+        with torch.no_grad():
+            outputs = self._run_schedule(microbatches, valid_logprobs, forward_only=True)
+        decision = torch.zeros(1, device=self.layout.device)
+        if self.layout.is_last_stage:
+            logprobs = torch.cat([lp for lp, _ in outputs])
+            old_logprobs = torch.cat([old for _, old in outputs])
+            skip, _ = importance_ratio_early_stop(
+                logprobs, old_logprobs, torch.ones_like(logprobs, dtype=torch.bool), threshold, self._dp_group
+            )
+            decision.fill_(float(skip))
+        return bool(self._from_last_stage(decision).item())
+
+    def _optimizer_step(self, loss_is_finite: bool) -> tuple[bool, float]:
+        """Apply the accumulated gradients unless anything is non-finite on any rank (module doc)."""
+        found_inf = self.optimizer.prepare_grads()
+        grad_norm = float(self.optimizer.get_grad_norm())
+        bad = torch.tensor(
+            [0.0 if loss_is_finite and not found_inf and math.isfinite(grad_norm) else 1.0], device=self.layout.device
+        )
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item() > 0:
+            return False, grad_norm
+        if self.actor.clip_grad > 0:
+            for optimizer in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+                parameters = [] if getattr(optimizer, "is_stub_optimizer", False) else optimizer.get_parameters()
+                if parameters:
+                    clip_grad_by_total_norm_fp32(
+                        parameters,
+                        max_norm=self.actor.clip_grad,
+                        total_norm=grad_norm,
+                        use_decoupled_grad=optimizer.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8,
+                    )
+        self.optimizer.step_with_ready_grads()
+        self.scheduler.step(1)
+        return True, grad_norm
+
+    def _current_lr(self) -> float:
+        if self.optimizer is None:
+            return float("nan")
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    # ------------------------------------------------------------------ checkpoints and weights
+
+    def save_checkpoint(self, root: str | Path, step: int | None = None, *, with_optimizer: bool = True) -> Path:
+        """Save to ``root/step_<step>`` (default: the number of train steps) and point ``root/latest`` at it."""
+        step = self.train_steps if step is None else step
+        root = Path(root)
+        if dist.get_rank() == 0:
+            root.mkdir(parents=True, exist_ok=True)
+        keep_optimizer = with_optimizer and self.optimizer is not None
+        directory = ckpt.save_checkpoint(
+            root / f"step_{step:08d}",
+            self.model,
+            hf_config=self.hf_config,
+            hf_side_files=self.model_path,
+            optimizer=self.optimizer if keep_optimizer else None,
+            scheduler=self.scheduler if keep_optimizer else None,
+            actor_state={"train_steps": self.train_steps, "consecutive_nonfinite": self.consecutive_nonfinite},
+            extra_metadata={"step": step},
+        )
+        if dist.get_rank() == 0:
+            write_latest(root, directory.name)
+        dist.barrier()
+        return directory
+
+    def load_checkpoint(self, directory: str | Path, *, with_optimizer: bool = True) -> None:
+        """Load a checkpoint (an actor's, or ``rlsys convert hf-to-mcore`` output with the model only)."""
+        load_optimizer = with_optimizer and self.optimizer is not None
+        actor_state = ckpt.load_checkpoint(
+            directory,
+            self.model,
+            optimizer=self.optimizer if load_optimizer else None,
+            scheduler=self.scheduler if load_optimizer else None,
+        )
+        if self.optimizer is not None and not load_optimizer:
+            # Main (float32) parameter copies of a fresh optimizer still hold the old weights.
+            self.optimizer.reload_model_params()
+        if load_optimizer:
+            self.train_steps = int(actor_state.get("train_steps", 0))
+            self.consecutive_nonfinite = int(actor_state.get("consecutive_nonfinite", 0))
+
+    def iter_hf_weights(self) -> Iterator[tuple[str, Tensor]]:
+        """The whole model as HF ``(name, tensor)`` pairs on every rank (collective; see megatron_weights)."""
+        return iter_hf_weights(self.model, self.hf_config)
+
+    def close(self) -> None:
+        """Release megatron's parallel state (the default process group stays).
+
+        Actors of one process share that state: close the last one only.
+        """
+        destroy_parallel()
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _microbatches(self, batch: RolloutBatch, indices: range | list[int]) -> list[Microbatch]:
+        share = data_parallel_share(list(indices), self.layout.dp_rank, self.layout.dp)
+        groups = plan_microbatches(batch, share, self.actor.max_tokens_per_microbatch, self._length_multiple)
+        count = torch.tensor([len(groups)], device=self.layout.device)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX, group=self._dp_group)
+        groups = equalize_microbatch_count(groups, int(count.item()))
+        return [build_microbatch(batch, group, self._length_multiple) for group in groups]
+
+    def _global_counts(self, microbatches: list[Microbatch]) -> tuple[float, float]:
+        """Valid tokens and sequences with a valid token, over the minibatch on all DP ranks."""
+        counts = torch.zeros(2, dtype=torch.float64, device=self.layout.device)
+        for microbatch in microbatches:
+            counts[0] += microbatch.loss_mask.sum()
+            counts[1] += (microbatch.loss_mask.sum(dim=-1) > 0).sum()
+        dist.all_reduce(counts, group=self._dp_group)
+        return counts[0].item(), counts[1].item()
+
+    def _run_schedule(
+        self, microbatches: list[Microbatch], loss_func: Callable[..., Any], *, forward_only: bool
+    ) -> list[Any]:
+        device = self.layout.device
+        tensor_fields = ("tokens", "position_ids", "labels", "loss_mask", "old_logprobs", "ref_logprobs", "advantages")
+        on_device = [
+            dataclasses.replace(
+                mb, **{name: getattr(mb, name).to(device) for name in tensor_fields if getattr(mb, name) is not None}
+            )
+            for mb in microbatches
+        ]
+
+        def forward_step(data_iterator: Iterator[Microbatch], model: torch.nn.Module) -> tuple[Tensor, Callable]:
+            microbatch = next(data_iterator)
+            output = model(microbatch.tokens, microbatch.position_ids, None)
+            return output, partial(loss_func, microbatch)
+
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(on_device),
+            model=[self.wrapped if self.wrapped is not None else self.model],
+            num_microbatches=len(on_device),
+            seq_length=max(mb.tokens.shape[1] for mb in on_device),
+            micro_batch_size=max(mb.tokens.shape[0] for mb in on_device),
+            forward_only=forward_only,
+            collect_non_loss_data=forward_only,
+        )
+
+    def _from_last_stage(self, tensor: Tensor) -> Tensor:
+        """The last pipeline stage's value of ``tensor`` on every stage."""
+        if self.layout.pp > 1:
+            dist.broadcast(tensor, group=self._pp_group, group_src=self.layout.pp - 1)
+        return tensor
+
+    def _gather_from_last_stages(self, local: list[Any]) -> list[Any]:
+        """Concatenate the last stages' ``local`` lists over DP and hand the result to every rank."""
+        if self.layout.is_last_stage and self.layout.dp > 1:
+            parts: list[Any] = [None] * self.layout.dp
+            dist.all_gather_object(parts, local, group=self._dp_group)
+            local = [item for part in parts for item in part]
+        if self.layout.pp > 1:
+            holder = [local if self.layout.is_last_stage else None]
+            dist.broadcast_object_list(holder, group=self._pp_group, group_src=self.layout.pp - 1)
+            local = holder[0]
+        return local

@@ -1,0 +1,54 @@
+"""Risk: a bad actor or algorithm setting fails late inside a worker, or with a message that hides the field.
+
+Each bad value must raise ``ConfigError`` naming ``section.field`` when the config is composed,
+through the same Hydra path the CLI uses; the shipped defaults must compose and validate.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from rlsys.config import ActorConfig, AlgorithmConfig, ConfigError, load_config
+
+
+def test_defaults_compose_with_the_sections() -> None:
+    overrides = ["actor.tp=2", "algorithm.dual_clip_c=3", "actor.lr_schedule=warmup", "actor.lr_warmup_steps=10"]
+    run = load_config("smollm2-135m-grpo-cpu", overrides)
+    assert isinstance(run.actor, ActorConfig) and isinstance(run.algorithm, AlgorithmConfig)
+    assert (run.actor.tp, run.algorithm.dual_clip_c, run.actor.lr_warmup_steps) == (2, 3.0, 10)
+    assert run.actor.checkpoint_dir == "outputs/smollm2-135m-grpo-cpu/checkpoints"
+    assert run.algorithm.early_stop_imp_ratio == 5.0 and run.actor.use_distributed_optimizer
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("actor.tp=0", "actor.tp"),
+        ("actor.transformer_impl=apex", "actor.transformer_impl"),
+        ("actor.params_dtype=float16", "actor.params_dtype"),
+        ("actor.sequence_parallel=true", "actor.sequence_parallel"),
+        ("actor.lr_schedule=cosine", "actor.lr_schedule"),
+        ("actor.lr_schedule=warmup", "actor.lr_warmup_steps"),
+        ("actor.min_lr=1.0", "actor.min_lr"),
+        ("actor.adam_beta2=1.0", "actor.adam_beta2"),
+        ("actor.clip_grad=-1", "actor.clip_grad"),
+        ("actor.max_tokens_per_microbatch=0", "actor.max_tokens_per_microbatch"),
+        ("actor.max_consecutive_nonfinite=0", "actor.max_consecutive_nonfinite"),
+        ("algorithm.loss_type=ppo", "algorithm.loss_type"),
+        ("algorithm.agg_mode=sum", "algorithm.agg_mode"),
+        ("algorithm.clip_low=1.0", "algorithm.clip_low"),
+        ("algorithm.dual_clip_c=0.5", "algorithm.dual_clip_c"),
+        ("algorithm.kl_coef=-0.1", "algorithm.kl_coef"),
+        ("algorithm.early_stop_imp_ratio=1.0", "algorithm.early_stop_imp_ratio"),
+        ("algorithm.early_stop_granularity=token", "algorithm.early_stop_granularity"),
+    ],
+)
+def test_bad_value_names_the_field(override: str, field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config("smollm2-135m-grpo-cpu", [override])
+    assert str(info.value).startswith(field + ":"), str(info.value)
+
+
+def test_early_stop_can_be_turned_off() -> None:
+    run = load_config("smollm2-135m-grpo-cpu", ["algorithm.early_stop_imp_ratio=null"])
+    assert run.algorithm.early_stop_imp_ratio is None
