@@ -17,42 +17,13 @@ from typing import Any
 
 import torch
 
-VOCAB = 301
-
-HF_CONFIGS: dict[str, dict[str, Any]] = {
-    "qwen2_tied": dict(
-        model_type="qwen2", tie_word_embeddings=True, num_key_value_heads=2, rope_theta=1e6, rms_norm_eps=1e-6
-    ),
-    "qwen2_untied": dict(
-        model_type="qwen2", tie_word_embeddings=False, num_key_value_heads=2, rope_theta=1e4, rms_norm_eps=1e-6
-    ),
-    "llama_tied": dict(
-        model_type="llama", tie_word_embeddings=True, num_key_value_heads=1, rope_theta=1e5, rms_norm_eps=1e-5
-    ),
-}
+from tests.tiny_configs import HF_CONFIGS, VOCAB, make_hf_config  # noqa: F401  (re-exported for the actor tests)
 
 # Prompt and response lengths of the test batch: uneven, one empty response, and with a token
 # budget of 32 several padded microbatches per rank and unequal counts across two DP ranks.
 PROMPT_LENGTHS = (5, 3, 7, 2, 4, 6)
 RESPONSE_LENGTHS = (6, 9, 4, 11, 0, 8)
 ADVANTAGES = (1.0, -1.0, 0.5, -0.5, 1.0, 0.8)
-
-
-def make_hf_config(settings: dict[str, Any]) -> Any:
-    from transformers import AutoConfig
-
-    settings = dict(settings)
-    model_type = settings.pop("model_type")
-    return AutoConfig.for_model(
-        model_type,
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        **settings,
-    )
 
 
 def batch_tokens(seed: int = 0) -> tuple[list[list[int]], list[list[int]]]:

@@ -24,22 +24,10 @@ import pytest
 import torch
 
 from tests.dist import run_distributed
+from tests.tiny_configs import HF_CONFIGS, VOCAB, make_hf_config, make_randomised_model
 
 MAX_ABS_DIFF = 1e-5
-VOCAB = 301
 BATCH, SEQ = 2, 16
-
-HF_CONFIGS: dict[str, dict[str, Any]] = {
-    "qwen2_tied": dict(
-        model_type="qwen2", tie_word_embeddings=True, num_key_value_heads=2, rope_theta=1e6, rms_norm_eps=1e-6
-    ),
-    "qwen2_untied": dict(
-        model_type="qwen2", tie_word_embeddings=False, num_key_value_heads=2, rope_theta=1e4, rms_norm_eps=1e-6
-    ),
-    "llama_tied": dict(
-        model_type="llama", tie_word_embeddings=True, num_key_value_heads=1, rope_theta=1e5, rms_norm_eps=1e-5
-    ),
-}
 
 # name -> (world size, [(tp, pp, sequence_parallel, local core attention), ...]) run in one
 # process group (ranks left over form data-parallel replicas). "megatron" is the CPU default
@@ -55,41 +43,12 @@ def _layout_name(tp: int, pp: int, sequence_parallel: bool, attention: str) -> s
     return f"tp{tp}pp{pp}" + ("sp" if sequence_parallel else "") + f"-{attention}"
 
 
-def _make_hf_config(settings: dict[str, Any]) -> Any:
-    from transformers import AutoConfig
-
-    settings = dict(settings)
-    model_type = settings.pop("model_type")
-    return AutoConfig.for_model(
-        model_type,
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        **settings,
-    )
-
-
 @pytest.fixture(scope="module")
 def hf_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
     """Per config: saved checkpoint dir, input ids, and HF's reference logits."""
-    from transformers import AutoModelForCausalLM
-
     checkpoints = {}
     for index, (name, settings) in enumerate(HF_CONFIGS.items()):
-        torch.manual_seed(1000 + index)
-        model = AutoModelForCausalLM.from_config(
-            _make_hf_config(settings), attn_implementation="eager", dtype=torch.float32
-        )
-        with torch.no_grad():
-            for param_name, param in model.named_parameters():
-                if "norm" in param_name:
-                    param.normal_(1.0, 0.3)
-                elif param_name.endswith(".bias"):
-                    param.normal_(0.0, 0.3)
-        model.eval()
+        model = make_randomised_model(settings, seed=1000 + index)
         input_ids = torch.randint(0, VOCAB, (BATCH, SEQ))
         with torch.no_grad():
             logits = model(input_ids).logits
