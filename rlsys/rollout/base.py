@@ -14,6 +14,8 @@ Choices:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -56,3 +58,17 @@ class RolloutEngine(Protocol):
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[Sample]: ...
 
     def shutdown(self) -> None: ...
+
+
+class WeightUpdateSessions:
+    """``weight_update_session()`` for engines whose weight updates must sit between their
+    ``begin_weight_update`` and ``end_weight_update`` (sglang 0.5.21 refuses them otherwise).
+    The subclass defines those two methods."""
+
+    @contextlib.contextmanager
+    def weight_update_session(self, *, timeout_s: float | None = None) -> Iterator[None]:
+        self.begin_weight_update(timeout_s=timeout_s)
+        try:
+            yield
+        finally:
+            self.end_weight_update(timeout_s=timeout_s)

@@ -68,7 +68,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -76,7 +76,7 @@ from typing import Any
 import torch
 
 from rlsys.platform import sglang_cpu
-from rlsys.rollout.base import Sample, SamplingParams
+from rlsys.rollout.base import Sample, SamplingParams, WeightUpdateSessions
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ def _owning_copy(tensor: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- the engine (trainer side)
 
 
-class SGLangEngine:
+class SGLangEngine(WeightUpdateSessions):
     """sglang's offline engine behind the rollout interface, in a worker process (see the top)."""
 
     def __init__(
@@ -355,14 +355,6 @@ class SGLangEngine:
     def end_weight_update(self, *, timeout_s: float | None = None) -> None:
         self._in_session = False
         self._call("end_weight_update", timeout_s)
-
-    @contextlib.contextmanager
-    def weight_update_session(self, *, timeout_s: float | None = None) -> Iterator[None]:
-        self.begin_weight_update(timeout_s=timeout_s)
-        try:
-            yield
-        finally:
-            self.end_weight_update(timeout_s=timeout_s)
 
     def flush_cache(self, *, timeout_s: float | None = None) -> None:
         """Drop the prefix (radix) cache, e.g. after weights changed without an update call. sglang

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from rlsys.rollout.base import Sample, SamplingParams
+from rlsys.rollout.base import Sample, SamplingParams, WeightUpdateSessions
 from rlsys.rollout.sglang_engine import (
     RolloutEngineError,
     repeat_prompts,
@@ -47,7 +47,7 @@ from rlsys.rollout.sglang_engine import (
 )
 
 
-class SGLangHTTPEngine:
+class SGLangHTTPEngine(WeightUpdateSessions):
     def __init__(self, base_url: str, *, timeout_s: float = 600.0, api_key: str | None = None) -> None:
         """``base_url`` like ``http://127.0.0.1:30000``; ``api_key`` if the server was started with one."""
         self.base_url = base_url.rstrip("/")
@@ -153,14 +153,6 @@ class SGLangHTTPEngine:
     def end_weight_update(self, *, timeout_s: float | None = None) -> None:
         self._in_session = False
         self._checked_request("/end_weight_update", "end_weight_update", timeout_s, {})
-
-    @contextlib.contextmanager
-    def weight_update_session(self, *, timeout_s: float | None = None) -> Iterator[None]:
-        self.begin_weight_update(timeout_s=timeout_s)
-        try:
-            yield
-        finally:
-            self.end_weight_update(timeout_s=timeout_s)
 
     def flush_cache(self, *, timeout_s: float | None = None) -> None:
         """sglang flushes only when idle; it waits for that up to the call's timeout."""
