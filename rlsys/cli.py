@@ -6,10 +6,15 @@ Subcommands import their heavy dependencies lazily so ``rlsys --help`` stays ins
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
+# Each owns one subcommand: ``add_parser(subparsers)`` adds it, importing nothing heavy.
+_COMMAND_MODULES = ("rlsys.runner.command", "rlsys.eval.command", "rlsys.plot")
 
-def _add_config_args(parser: argparse.ArgumentParser) -> None:
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """The experiment config name and its ``key=value`` overrides (shared by subcommands)."""
     parser.add_argument("config", nargs="?", default="smollm2-135m-grpo-cpu",
                         help="experiment config name, a YAML file under configs/ (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
@@ -23,19 +28,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    ev = sub.add_parser(
-        "eval", help="score a model on a config's validation data with the ±5 math reward",
-        description="Generate answers for the validation prompts of an experiment config with the "
-                    "HF transformers engine and score them with the sandboxed ±5 boxed-answer reward. "
-                    "Writes one JSONL line per example and prints accuracy and mean reward.",
-    )
-    _add_config_args(ev)
-    ev.add_argument("--limit", type=int, default=None, help="score only the first N validation prompts")
-    ev.add_argument("--max-new-tokens", type=int, default=128, help="response budget (default: %(default)s)")
-    ev.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: %(default)s)")
-    ev.add_argument("--n", type=int, default=1, help="samples per prompt (default: %(default)s)")
-    ev.add_argument("--output", default=None, help="output directory (default: <runner.output_dir>/eval)")
-    ev.set_defaults(handler=_run_eval)
+    for module in _COMMAND_MODULES:
+        importlib.import_module(module).add_parser(sub)
 
     conv = sub.add_parser(
         "convert", help="convert between HF checkpoints and Megatron distributed checkpoints",
@@ -83,14 +77,6 @@ def _run_mcore_to_hf(args: argparse.Namespace) -> int:
 
     out = convert_mcore_to_hf(args.mcore_path, args.output)
     print(f"[rlsys convert] wrote HF model to {out}")
-    return 0
-
-
-def _run_eval(args: argparse.Namespace) -> int:
-    from rlsys.eval.simple import evaluate_config
-
-    evaluate_config(args.config, args.overrides, limit=args.limit, max_new_tokens=args.max_new_tokens,
-                    temperature=args.temperature, n=args.n, output=args.output)
     return 0
 
 

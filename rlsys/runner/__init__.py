@@ -1,0 +1,1 @@
+"""The GRPO loop (``rlsys.runner.grpo``) and the ``rlsys train`` command."""
