@@ -132,6 +132,7 @@ class RewardConfig:
 @dataclass
 class RunnerConfig:
     SECTION: ClassVar[str] = "runner"
+    LOGGERS: ClassVar[tuple[str, ...]] = ("tensorboard", "wandb", "console")
 
     experiment_name: str = "rlsys"
     """Name used for the output directory and in logs."""
@@ -139,10 +140,182 @@ class RunnerConfig:
     """Where event files, checkpoints and validation outputs go."""
     seed: int = 1
     """Base seed; every other seed derives from it and (step, index)."""
+    total_steps: int = 10
+    """Training steps (one rollout batch and one update each)."""
+    prompts_per_step: int = 8
+    """Prompts per step; each gets ``rollout.n_samples`` responses."""
+    val_interval: int = 5
+    """Validate every k steps, before the first step and after the last (0: never)."""
+    val_max_prompts: int = 0
+    """Validate on the first this many validation prompts (0: all)."""
+    save_interval: int = 0
+    """Save a checkpoint every k steps and after the last (0: never)."""
+    keep_last_checkpoints: int = 2
+    """Complete checkpoints kept; older ones are deleted after a newer one completed."""
+    resume: bool = True
+    """Resume from the newest complete checkpoint in ``output_dir`` when there is one."""
+    resume_dir: str | None = None
+    """Resume from this checkpoint (a step directory, or a checkpoints directory: its newest)."""
+    loggers: list[str] = field(default_factory=lambda: ["tensorboard", "console"])
+    """Metric backends: tensorboard (event files in output_dir/tensorboard), wandb, console."""
+    wandb_project: str = "rlsys"
+    """wandb project (with the 'wandb' logger)."""
+    progress_bar: bool = True
+    """A console progress bar over rollout and training (only when stderr is a terminal)."""
 
     def __post_init__(self) -> None:
         if not self.output_dir:
             _fail(self.SECTION, "output_dir", "must be set")
+        for name in ("total_steps", "prompts_per_step", "keep_last_checkpoints"):
+            if getattr(self, name) < 1:
+                _fail(self.SECTION, name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("val_interval", "val_max_prompts", "save_interval"):
+            if getattr(self, name) < 0:
+                _fail(self.SECTION, name, f"must be >= 0, got {getattr(self, name)}")
+        for i, logger in enumerate(self.loggers):
+            if logger not in self.LOGGERS:
+                _fail(self.SECTION, f"loggers[{i}]", f"must be one of {', '.join(self.LOGGERS)}, got {logger!r}")
+
+
+@dataclass
+class RolloutConfig:
+    SECTION: ClassVar[str] = "rollout"
+    ENGINES: ClassVar[tuple[str, ...]] = ("sglang", "hf")
+
+    engine: str = "sglang"
+    """'sglang' (the default on every device) or 'hf' (HF transformers generate, the fallback)."""
+    tp: int = 1
+    """Tensor-parallel size of each engine; the engines together use the rollout devices."""
+    n_samples: int = 8
+    """Responses per prompt (the GRPO group size)."""
+    temperature: float = 1.0
+    """Sampling temperature of training rollouts (validation is greedy)."""
+    top_p: float = 1.0
+    """Nucleus sampling of training rollouts."""
+    max_new_tokens: int = 1024
+    """Response budget; longer responses are cut and end with finish reason 'length'."""
+    val_max_new_tokens: int | None = None
+    """Response budget of validation (default: max_new_tokens)."""
+    dtype: str = "auto"
+    """Engine dtype: 'auto' (bfloat16 on GPU, float32 on CPU), 'bfloat16', 'float16', 'float32'."""
+    mem_fraction_static: float | None = None
+    """SGLang's static memory fraction (weights + KV cache) on GPU; None takes SGLang's default."""
+    timeout_s: float = 1800.0
+    """Limit of one engine call (a generate of a whole batch included)."""
+
+    def __post_init__(self) -> None:
+        if self.engine not in self.ENGINES:
+            _fail(self.SECTION, "engine", f"must be one of {', '.join(self.ENGINES)}, got {self.engine!r}")
+        for name in ("tp", "n_samples", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                _fail(self.SECTION, name, f"must be >= 1, got {getattr(self, name)}")
+        if self.val_max_new_tokens is not None and self.val_max_new_tokens < 1:
+            _fail(self.SECTION, "val_max_new_tokens", f"must be >= 1, got {self.val_max_new_tokens}")
+        if self.temperature < 0:
+            _fail(self.SECTION, "temperature", f"must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            _fail(self.SECTION, "top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            _fail(self.SECTION, "dtype", f"must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
+        if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static < 1:
+            _fail(self.SECTION, "mem_fraction_static", f"must be in (0, 1), got {self.mem_fraction_static}")
+        if self.timeout_s <= 0:
+            _fail(self.SECTION, "timeout_s", f"must be positive, got {self.timeout_s}")
+
+
+@dataclass
+class ClusterConfig:
+    SECTION: ClassVar[str] = "cluster"
+    PLACEMENTS: ClassVar[tuple[str, ...]] = ("colocated", "disaggregated")
+
+    placement: str = "colocated"
+    """'colocated': actor ranks and engines share every device (the engine's memory is released
+    while the actor trains); 'disaggregated': the engines get ``rollout_devices`` of their own."""
+    device: str = "auto"
+    """'cuda', 'cpu', or 'auto' (cuda when this machine has a GPU)."""
+    num_nodes: int = 1
+    """Nodes of the Ray cluster the run uses."""
+    devices_per_node: int = 1
+    """GPUs per node (on CPU: worker processes per node, one CPU each)."""
+    rollout_devices: int = 0
+    """Disaggregated only: devices of the rollout engines (the actor gets the rest)."""
+    ray_address: str = "local"
+    """'local' starts a Ray instance for this run; 'auto' or host:port joins a running cluster."""
+
+    def __post_init__(self) -> None:
+        if self.placement not in self.PLACEMENTS:
+            _fail(self.SECTION, "placement", f"must be one of {', '.join(self.PLACEMENTS)}, got {self.placement!r}")
+        if self.device not in ("auto", "cuda", "cpu"):
+            _fail(self.SECTION, "device", f"must be auto, cuda or cpu, got {self.device!r}")
+        for name in ("num_nodes", "devices_per_node"):
+            if getattr(self, name) < 1:
+                _fail(self.SECTION, name, f"must be >= 1, got {getattr(self, name)}")
+        if self.placement == "colocated" and self.rollout_devices:
+            _fail(self.SECTION, "rollout_devices", "is for placement=disaggregated; colocated engines share the actor's devices")
+        if self.placement == "disaggregated" and not 0 < self.rollout_devices < self.total_devices:
+            _fail(self.SECTION, "rollout_devices",
+                  f"must be in [1, {self.total_devices - 1}] with placement=disaggregated, got {self.rollout_devices}")
+
+    @property
+    def total_devices(self) -> int:
+        return self.num_nodes * self.devices_per_node
+
+    @property
+    def actor_devices(self) -> int:
+        return self.total_devices - self.rollout_devices
+
+    @property
+    def engine_devices(self) -> int:
+        return self.rollout_devices if self.placement == "disaggregated" else self.total_devices
+
+
+SYNC_TRANSPORTS = ("colocated", "disaggregated", "in_process")
+
+
+@dataclass
+class SyncConfig:
+    """Weight sync from the actor into the rollout engines."""
+
+    SECTION: ClassVar[str] = "sync"
+
+    bucket_mb: float = 512.0
+    """Bucket size in MiB: peak extra memory of a sync is one bucket plus one tensor being gathered."""
+    transport: str = "auto"
+    """'colocated' (update_weights_from_tensor), 'disaggregated' (broadcast over a process group the
+    engine joins), 'in_process' (HFEngine.load_state_dict), or 'auto': the one of the placement
+    (in_process for the hf engine)."""
+    timeout_s: float = 600.0
+    """Limit of every engine call and wait of one sync step; a sync never hangs longer."""
+    backend: str = "auto"
+    """Disaggregated only: 'nccl', 'gloo', or 'auto' (gloo for CPU weights, NCCL for CUDA ones)."""
+    master_address: str = "127.0.0.1"
+    """Disaggregated only: an address of the sync source's host that the engine's host can reach."""
+    master_port: int = 0
+    """Disaggregated only: port of the group's TCP store on the source; 0 picks a free one."""
+    group_name: str = "rlsys_weight_sync"
+    """Disaggregated only: name of the weight-update process group on the engine."""
+    verify_greedy_tokens: int = 0
+    """After a sync, compare this many greedy tokens of the engine and the actor (0: no check)."""
+
+    def __post_init__(self) -> None:
+        if self.bucket_mb <= 0:
+            _fail(self.SECTION, "bucket_mb", f"must be positive, got {self.bucket_mb}")
+        if self.transport not in (*SYNC_TRANSPORTS, "auto"):
+            _fail(self.SECTION, "transport", f"one of {(*SYNC_TRANSPORTS, 'auto')}, got {self.transport!r}")
+        if self.timeout_s <= 0:
+            _fail(self.SECTION, "timeout_s", f"must be positive, got {self.timeout_s}")
+        if self.backend not in ("auto", "gloo", "nccl"):
+            _fail(self.SECTION, "backend", f"one of 'auto', 'gloo', 'nccl', got {self.backend!r}")
+        if not 0 <= self.master_port < 65536:
+            _fail(self.SECTION, "master_port", f"must be in [0, 65535], got {self.master_port}")
+        if not self.group_name:
+            _fail(self.SECTION, "group_name", "must not be empty")
+        if self.verify_greedy_tokens < 0:
+            _fail(self.SECTION, "verify_greedy_tokens", f"must be >= 0, got {self.verify_greedy_tokens}")
+
+    @property
+    def bucket_bytes(self) -> int:
+        return int(self.bucket_mb * 2**20)
 
 
 @dataclass
@@ -193,14 +366,8 @@ class ActorConfig:
     """Recompute old log-probs with the actor before the update instead of using the rollout's."""
     max_consecutive_nonfinite: int = 3
     """Raise after this many optimizer steps in a row were skipped for a non-finite loss or grad norm."""
-    checkpoint_dir: str = "${runner.output_dir}/checkpoints"
-    """Directory of actor checkpoints (one megatron distributed checkpoint per saved step)."""
-    save_interval: int = 0
-    """Save a checkpoint every this many training steps; 0 saves none."""
     save_optimizer: bool = True
     """Include optimizer and scheduler state in checkpoints (needed to resume exactly)."""
-    resume: bool = True
-    """Resume from the latest checkpoint in checkpoint_dir when there is one."""
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "max_tokens_per_microbatch", "n_minibatches", "max_consecutive_nonfinite"):
@@ -233,10 +400,6 @@ class ActorConfig:
             _fail(self.SECTION, "adam_eps", f"must be positive, got {self.adam_eps}")
         if self.clip_grad < 0:
             _fail(self.SECTION, "clip_grad", f"must be >= 0 (0 turns clipping off), got {self.clip_grad}")
-        if self.save_interval < 0:
-            _fail(self.SECTION, "save_interval", f"must be >= 0, got {self.save_interval}")
-        if self.save_interval > 0 and not self.checkpoint_dir:
-            _fail(self.SECTION, "checkpoint_dir", "must be set when save_interval > 0")
 
 
 @dataclass
@@ -299,6 +462,36 @@ class RunConfig:
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     actor: ActorConfig = field(default_factory=ActorConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def __post_init__(self) -> None:
+        check_layout(self)
+
+
+def check_layout(run: RunConfig) -> None:
+    """Checks across sections that need no model: devices, parallel sizes, batch divisibility."""
+    cluster, actor, rollout = run.cluster, run.actor, run.rollout
+    if cluster.actor_devices % (actor.tp * actor.pp):
+        _fail("actor", "tp", f"tp * pp = {actor.tp} * {actor.pp} must divide the actor's {cluster.actor_devices} "
+                             f"devices (cluster.num_nodes * cluster.devices_per_node - cluster.rollout_devices)")
+    if cluster.engine_devices % rollout.tp:
+        _fail("rollout", "tp", f"must divide the rollout's {cluster.engine_devices} devices, got {rollout.tp}")
+    if rollout.tp > cluster.devices_per_node:
+        _fail("rollout", "tp", f"an engine lives on one node: must be <= cluster.devices_per_node "
+                               f"({cluster.devices_per_node}), got {rollout.tp}")
+    dp = cluster.actor_devices // (actor.tp * actor.pp)
+    responses = run.runner.prompts_per_step * rollout.n_samples
+    if responses % (dp * actor.n_minibatches):
+        _fail("runner", "prompts_per_step",
+              f"prompts_per_step * rollout.n_samples = {responses} responses must split evenly into "
+              f"actor.n_minibatches ({actor.n_minibatches}) x data-parallel ranks ({dp})")
+    if run.sync.transport == "in_process" and rollout.engine != "hf":
+        _fail("sync", "transport", "in_process needs rollout.engine=hf")
+    if rollout.engine == "hf" and run.sync.transport in ("colocated", "disaggregated"):
+        _fail("sync", "transport", f"the hf engine takes weights in process; use auto or in_process, "
+                                   f"got {run.sync.transport!r}")
 
 
 ConfigStore.instance().store(name="rlsys_schema", node=RunConfig)

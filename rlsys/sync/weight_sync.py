@@ -47,13 +47,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
+from rlsys.config import SyncConfig
 from rlsys.models.megatron_weights import iter_full_megatron_tensors, iter_hf_weights
 from rlsys.models.weight_mapping import megatron_to_hf
 from rlsys.sync.buckets import MIB, BucketStats, NamedTensors, iter_buckets, tensor_bytes
@@ -70,51 +71,6 @@ from rlsys.sync.transports import (
 
 SYNC_SOURCE_RANK = 0
 DEFAULT_BUCKET_MB = 512.0
-
-
-@dataclass
-class SyncConfig:
-    """Weight sync from the actor into the rollout engine."""
-
-    SECTION: ClassVar[str] = "sync"
-
-    bucket_mb: float = DEFAULT_BUCKET_MB
-    """Bucket size in MiB: peak extra memory of a sync is one bucket plus one tensor being gathered."""
-    transport: str = COLOCATED
-    """'colocated' (update_weights_from_tensor), 'disaggregated' (broadcast over a process group the
-    engine joins) or 'in_process' (HFEngine.load_state_dict)."""
-    timeout_s: float = 600.0
-    """Limit of every engine call and wait of one sync step; a sync never hangs longer."""
-    backend: str = "auto"
-    """Disaggregated only: 'nccl', 'gloo', or 'auto' (gloo for CPU weights, NCCL for CUDA ones)."""
-    master_address: str = "127.0.0.1"
-    """Disaggregated only: an address of the sync source's host that the engine's host can reach."""
-    master_port: int = 0
-    """Disaggregated only: port of the group's TCP store on the source; 0 picks a free one."""
-    group_name: str = "rlsys_weight_sync"
-    """Disaggregated only: name of the weight-update process group on the engine."""
-    verify_greedy_tokens: int = 0
-    """After a sync, compare this many greedy tokens of the engine and the actor (0: no check)."""
-
-    def __post_init__(self) -> None:
-        if self.bucket_mb <= 0:
-            raise ValueError(f"{self.SECTION}.bucket_mb: must be positive, got {self.bucket_mb}")
-        if self.transport not in TRANSPORTS:
-            raise ValueError(f"{self.SECTION}.transport: one of {TRANSPORTS}, got {self.transport!r}")
-        if self.timeout_s <= 0:
-            raise ValueError(f"{self.SECTION}.timeout_s: must be positive, got {self.timeout_s}")
-        if self.backend not in ("auto", "gloo", "nccl"):
-            raise ValueError(f"{self.SECTION}.backend: one of 'auto', 'gloo', 'nccl', got {self.backend!r}")
-        if not 0 <= self.master_port < 65536:
-            raise ValueError(f"{self.SECTION}.master_port: must be in [0, 65535], got {self.master_port}")
-        if not self.group_name:
-            raise ValueError(f"{self.SECTION}.group_name: must not be empty")
-        if self.verify_greedy_tokens < 0:
-            raise ValueError(f"{self.SECTION}.verify_greedy_tokens: must be >= 0, got {self.verify_greedy_tokens}")
-
-    @property
-    def bucket_bytes(self) -> int:
-        return int(self.bucket_mb * MIB)
 
 
 @dataclass
@@ -145,11 +101,16 @@ def is_sync_source() -> bool:
     return dist.get_rank() == SYNC_SOURCE_RANK
 
 
-def make_transport(config: SyncConfig, engine: Any, *, weights_device: torch.device) -> WeightTransport:
-    """The configured transport to ``engine``; build it on the sync source only."""
-    if config.transport == COLOCATED:
+def make_transport(config: SyncConfig, engine: Any, *, weights_device: torch.device,
+                   transport: str | None = None) -> WeightTransport:
+    """The transport ``transport`` (default: the configured one) to ``engine``; build it on the sync
+    source only. The runner resolves ``sync.transport=auto`` from the placement before calling this."""
+    name = transport or config.transport
+    if name not in TRANSPORTS:
+        raise ValueError(f"sync.transport: one of {TRANSPORTS} here, got {name!r}")
+    if name == COLOCATED:
         return ColocatedTransport(engine, timeout_s=config.timeout_s)
-    if config.transport == IN_PROCESS:
+    if name == IN_PROCESS:
         return InProcessTransport(engine)
     backend = config.backend
     if backend == "auto":

@@ -12,11 +12,11 @@ from rlsys.config import ActorConfig, AlgorithmConfig, ConfigError, load_config
 
 
 def test_defaults_compose_with_the_sections() -> None:
-    overrides = ["actor.tp=2", "algorithm.dual_clip_c=3", "actor.lr_schedule=warmup", "actor.lr_warmup_steps=10"]
+    overrides = ["actor.tp=2", "cluster.devices_per_node=2", "algorithm.dual_clip_c=3", "actor.lr_schedule=warmup", "actor.lr_warmup_steps=10"]
     run = load_config("smollm2-135m-grpo-cpu", overrides)
     assert isinstance(run.actor, ActorConfig) and isinstance(run.algorithm, AlgorithmConfig)
     assert (run.actor.tp, run.algorithm.dual_clip_c, run.actor.lr_warmup_steps) == (2, 3.0, 10)
-    assert run.actor.checkpoint_dir == "outputs/smollm2-135m-grpo-cpu/checkpoints"
+    assert run.runner.output_dir == "outputs/smollm2-135m-grpo-cpu"
     assert run.algorithm.early_stop_imp_ratio == 5.0 and run.actor.use_distributed_optimizer
 
 
