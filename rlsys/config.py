@@ -57,6 +57,9 @@ class DataConfig:
     """Render prompts with the tokenizer's own chat template."""
     system_prompt: str | None = None
     """System message prepended to string prompts when the chat template is applied."""
+    prompt_template: str | None = None
+    """Template applied to string prompts before any chat template: a preset name from
+    ``rlsys.data.templates`` (e.g. 'r1_zero', 'boxed') or a string containing '{prompt}'."""
     max_prompt_length: int = 1024
     """Prompts longer than this many tokens are dropped (and counted) when the dataset loads."""
     shuffle: bool = True
