@@ -435,6 +435,10 @@ class AlgorithmConfig:
     """Divide group-relative advantages by the group's standard deviation."""
     filter_zero_variance_groups: bool = False
     """Drop groups whose rewards are all equal (they carry no gradient) before the update."""
+    overlong_buffer: int = 0
+    """DAPO soft overlong punishment over the last this many tokens of rollout.max_new_tokens (0: off)."""
+    overlong_penalty_factor: float = 1.0
+    """Scale of that punishment (it reaches -factor at the response budget)."""
 
     def __post_init__(self) -> None:
         choices = {
@@ -453,6 +457,8 @@ class AlgorithmConfig:
             _fail(self.SECTION, "dual_clip_c", f"must be > 1 (or null), got {self.dual_clip_c}")
         if self.kl_coef < 0:
             _fail(self.SECTION, "kl_coef", f"must be >= 0, got {self.kl_coef}")
+        if self.overlong_buffer < 0:
+            _fail(self.SECTION, "overlong_buffer", f"must be >= 0, got {self.overlong_buffer}")
         if self.early_stop_imp_ratio is not None and self.early_stop_imp_ratio <= 1:
             _fail(self.SECTION, "early_stop_imp_ratio", f"must be > 1 (or null), got {self.early_stop_imp_ratio}")
 
@@ -490,6 +496,9 @@ def check_layout(run: RunConfig) -> None:
         _fail("runner", "prompts_per_step",
               f"prompts_per_step * rollout.n_samples = {responses} responses must split evenly into "
               f"actor.n_minibatches ({actor.n_minibatches}) x data-parallel ranks ({dp})")
+    if run.algorithm.overlong_buffer > rollout.max_new_tokens:
+        _fail("algorithm", "overlong_buffer", f"must be <= rollout.max_new_tokens ({rollout.max_new_tokens}), "
+                                              f"got {run.algorithm.overlong_buffer}")
     if run.sync.transport == "in_process" and rollout.engine != "hf":
         _fail("sync", "transport", "in_process needs rollout.engine=hf")
     if rollout.engine == "hf" and run.sync.transport in ("colocated", "disaggregated"):

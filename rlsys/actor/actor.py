@@ -39,9 +39,10 @@ Choices, and what must stay true:
   optimizers, megatron's own inf check) are finite on EVERY rank (one MAX all-reduce). A skipped
   step changes nothing (no update, no scheduler advance), is counted in ``skipped_nonfinite``,
   and ``max_consecutive_nonfinite`` skips in a row raise ``NonFiniteTrainingError``.
-- Old log-probs: recomputed by this actor before the update when
-  ``actor.recompute_old_logprobs`` (the rollout engine's own log-probs differ slightly);
-  otherwise the batch must carry them. Reference log-probs (for ``kl_coef > 0``) come with the
+- Old log-probs: a batch that carries them is trained on them (the runner recomputes them with
+  ``compute_logprobs`` as a phase of its own when ``actor.recompute_old_logprobs``, or passes the
+  rollout engine's); a batch without them gets them recomputed here when
+  ``actor.recompute_old_logprobs``, and is refused otherwise. Reference log-probs (for ``kl_coef > 0``) come with the
   batch, e.g. from a second actor built with ``for_training=False`` on the reference weights.
 - Metrics are token-weighted over all trained microbatches of the step and equal on all ranks.
 """
@@ -194,10 +195,10 @@ class MegatronActor:
             raise ValueError("train_step needs advantages")
         if self.algorithm.kl_coef > 0 and batch.ref_logprobs is None:
             raise ValueError("algorithm.kl_coef > 0 needs ref_logprobs in the batch")
-        if self.actor.recompute_old_logprobs:
+        if batch.old_logprobs is None:
+            if not self.actor.recompute_old_logprobs:
+                raise ValueError("actor.recompute_old_logprobs is off, so the batch must carry old_logprobs")
             batch = batch.with_old_logprobs(self.compute_logprobs(batch).logprobs)
-        elif batch.old_logprobs is None:
-            raise ValueError("actor.recompute_old_logprobs is off, so the batch must carry old_logprobs")
 
         totals = torch.zeros(len(_STATS), dtype=torch.float64)
         losses, grad_norms = [], []
@@ -414,21 +415,25 @@ class MegatronActor:
         root = Path(root)
         if dist.get_rank() == 0:
             root.mkdir(parents=True, exist_ok=True)
+        directory = self.save_to(root / f"step_{step:08d}", step=step, with_optimizer=with_optimizer)
+        if dist.get_rank() == 0:
+            write_latest(root, directory.name)
+        dist.barrier()
+        return directory
+
+    def save_to(self, directory: str | Path, *, step: int | None = None, with_optimizer: bool = True) -> Path:
+        """Save a checkpoint into exactly ``directory`` (collective)."""
         keep_optimizer = with_optimizer and self.optimizer is not None
-        directory = ckpt.save_checkpoint(
-            root / f"step_{step:08d}",
+        return ckpt.save_checkpoint(
+            Path(directory),
             self.model,
             hf_config=self.hf_config,
             hf_side_files=self.model_path,
             optimizer=self.optimizer if keep_optimizer else None,
             scheduler=self.scheduler if keep_optimizer else None,
             actor_state={"train_steps": self.train_steps, "consecutive_nonfinite": self.consecutive_nonfinite},
-            extra_metadata={"step": step},
+            extra_metadata={"step": self.train_steps if step is None else step},
         )
-        if dist.get_rank() == 0:
-            write_latest(root, directory.name)
-        dist.barrier()
-        return directory
 
     def load_checkpoint(self, directory: str | Path, *, with_optimizer: bool = True) -> None:
         """Load a checkpoint (an actor's, or ``rlsys convert hf-to-mcore`` output with the model only)."""

@@ -11,6 +11,7 @@ from rlsys.algorithms.advantages import (
 )
 from rlsys.algorithms.early_stop import importance_ratio_early_stop, zero_loss_if_skipped
 from rlsys.algorithms.entropy import entropy_from_logits
+from rlsys.algorithms.mismatch import logprob_mismatch
 from rlsys.algorithms.policy_loss import AggMode, LossType, aggregate_token_losses, kl_k3, policy_loss
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "group_relative_advantages",
     "importance_ratio_early_stop",
     "kl_k3",
+    "logprob_mismatch",
     "nonzero_variance_group_mask",
     "overlong_penalty",
     "policy_loss",

@@ -42,6 +42,10 @@ class HFEngine:
         if unexpected:
             raise KeyError(f"HF engine: unexpected weight names {unexpected[:5]}")
 
+    def parameter_names(self) -> list[str]:
+        """Every weight name a sync must send (a tied parameter once, under the name HF exports it by)."""
+        return [name for name, _ in self.model.named_parameters()]
+
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams, *,
                  return_logprobs: bool = True) -> list[Sample]:

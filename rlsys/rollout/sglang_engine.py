@@ -312,7 +312,13 @@ class SGLangEngine(WeightUpdateSessions):
                                    flush_cache: bool = True, load_format: str | None = None,
                                    timeout_s: float | None = None) -> None:
         """Load tensors by HF name (all TP ranks get the full tensors and shard them themselves)."""
-        payload = serialize_named_tensors(named_tensors)
+        self.update_weights_from_serialized(serialize_named_tensors(named_tensors), flush_cache=flush_cache,
+                                            load_format=load_format, timeout_s=timeout_s)
+
+    def update_weights_from_serialized(self, payload: bytes, *, flush_cache: bool = True,
+                                       load_format: str | None = None, timeout_s: float | None = None) -> None:
+        """``update_weights_from_tensor`` with tensors already serialised by ``serialize_named_tensors``
+        (in the process that owns them: CUDA IPC handles must come from there)."""
         timeout = self.timeout_s if timeout_s is None else timeout_s
         self._call("update_weights_from_tensor", timeout, payload=payload, load_format=load_format,
                    flush_wait_s=timeout if flush_cache else None)

@@ -119,8 +119,7 @@ class InProcessTransport:
         self._unsent: set[str] = set()
 
     def begin(self) -> None:
-        # named_parameters() lists a tied parameter once, under the name HF exports it by.
-        self._unsent = {name for name, _ in self.engine.model.named_parameters()}
+        self._unsent = set(self.engine.parameter_names())
 
     def send(self, bucket: NamedTensors) -> None:
         self.engine.load_state_dict(dict(bucket))
@@ -132,6 +131,39 @@ class InProcessTransport:
 
     def abort(self) -> None:
         self._unsent = set()
+
+
+class FanOutTransport:
+    """The same buckets to several engines, each through its own transport, in order."""
+
+    def __init__(self, transports: Sequence[WeightTransport]) -> None:
+        if not transports:
+            raise ValueError("FanOutTransport needs at least one transport")
+        self.transports = list(transports)
+        self.name = transports[0].name if len(transports) == 1 else (
+            f"{len(transports)} engines ({'; '.join(t.name for t in transports)})")
+
+    def begin(self) -> None:
+        for transport in self.transports:
+            transport.begin()
+
+    def send(self, bucket: NamedTensors) -> None:
+        for transport in self.transports:
+            transport.send(bucket)
+
+    def finish(self) -> None:
+        for transport in self.transports:
+            transport.finish()
+
+    def abort(self) -> None:
+        for transport in self.transports:
+            transport.abort()
+
+    def close(self) -> None:
+        for transport in self.transports:
+            close = getattr(transport, "close", None)
+            if close is not None:
+                close()
 
 
 class DisaggregatedTransport:

@@ -36,6 +36,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch import Tensor
 
+from rlsys.algorithms.mismatch import logprob_mismatch  # noqa: F401  (re-exported)
 from rlsys.models.architecture import architecture_of
 from rlsys.rollout.base import Sample, SamplingParams
 from rlsys.sync.weight_sync import SYNC_SOURCE_RANK, is_sync_source
@@ -43,19 +44,6 @@ from rlsys.sync.weight_sync import SYNC_SOURCE_RANK, is_sync_source
 
 class SyncVerificationError(RuntimeError):
     """The engine's greedy continuation differs from the actor's after a sync."""
-
-
-def logprob_mismatch(rollout_logprobs: Tensor, actor_logprobs: Tensor, mask: Tensor) -> Tensor:
-    """Token-weighted mean absolute log-prob difference over ``mask`` (see the top); a 0-d tensor."""
-    if rollout_logprobs.shape != actor_logprobs.shape or mask.shape != actor_logprobs.shape:
-        raise ValueError(
-            f"shapes differ: rollout {tuple(rollout_logprobs.shape)}, actor {tuple(actor_logprobs.shape)}, "
-            f"mask {tuple(mask.shape)}"
-        )
-    selected = mask.bool()
-    difference = (rollout_logprobs.float() - actor_logprobs.float()).abs()
-    total = torch.where(selected, difference, torch.zeros_like(difference)).sum()
-    return total / selected.sum().clamp(min=1)
 
 
 def vocab_parallel_argmax(logits: Tensor, vocab_size: int, tp_group: Any) -> Tensor:
