@@ -79,6 +79,10 @@ class DataConfig:
                 _fail(self.SECTION, key, "must be a non-empty key name")
         if self.max_prompt_length <= 0:
             _fail(self.SECTION, "max_prompt_length", f"must be positive, got {self.max_prompt_length}")
+        if self.prompt_template is not None:
+            from rlsys.data.templates import resolve_template
+
+            resolve_template(self.prompt_template)
 
     def check_files_exist(self, base: Path | None = None) -> None:
         """Missing data files fail at start, naming the field and the path."""
@@ -543,7 +547,11 @@ def to_dict(run: Any) -> dict:
 
 def _explain(config_name: str, exc: BaseException) -> ConfigError:
     """Turn a Hydra/OmegaConf error into one line that starts with the offending field."""
-    cause = exc.__cause__ or exc
+    # Hydra chains the OmegaConf error that names the key as __cause__ or as __context__.
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, ConfigError) and not getattr(cause, "full_key", None):
+        cause = cause.__cause__ or cause.__context__
+    cause = cause or exc.__cause__ or exc
     if isinstance(cause, ConfigError):
         return cause
     key = getattr(cause, "full_key", None)

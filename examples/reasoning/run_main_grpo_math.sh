@@ -7,8 +7,9 @@
 # root; set RLSYS_USE_CURRENT_PYTHON=1 to use the interpreter already on PATH instead
 # (the Docker image and cluster nodes, where rlsys is installed).
 #
-# Until the GRPO loop lands, the job evaluates the configured model on the config's
-# validation data with the ±5 reward (HF engine, greedy), the starting point training improves on.
+# The job trains with GRPO (rlsys train): event files, checkpoints and validation results go to
+# the config's runner.output_dir (outputs/<experiment>/ by default); a rerun resumes from the
+# newest complete checkpoint there (runner.resume=false starts over).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 config="${1:-smollm2-135m-grpo-cpu}"
@@ -23,4 +24,4 @@ fi
 
 cd "$root"
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-exec "$python_bin" -m rlsys eval "$config" "$@"
+exec "$python_bin" -m rlsys train "$config" "$@"

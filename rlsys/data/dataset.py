@@ -10,6 +10,10 @@ Choices
     * With it off, a string prompt is tokenised as written with the tokenizer's defaults
       (``tokenizer(text)``), so a model whose tokenizer adds a BOS token gets it, as it would from
       a server given the raw text. Message-list prompts need a template and are an error then.
+    * ``prompt_template`` (``rlsys.data.templates``: a preset name or a string with ``{prompt}``)
+      wraps string prompts first; with the chat template on, the wrapped text is the user message.
+      Message-list prompts are already written for the model, so a prompt template with them is
+      an error rather than a guess at which message to wrap.
     * Prompts longer than ``max_prompt_length`` tokens are dropped when the dataset loads; the
       count is kept on the dataset and logged. Nothing else is dropped.
     * Relative data paths are resolved against ``base`` when given, else the working directory.
@@ -27,6 +31,7 @@ from typing import TYPE_CHECKING
 from jinja2 import TemplateError
 
 from rlsys.data.jsonl import DataError, Example, PromptContent, read_jsonl
+from rlsys.data.templates import apply_template, resolve_template
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -83,8 +88,16 @@ def render_prompt(
     tokenizer: PreTrainedTokenizerBase,
     apply_chat_template: bool,
     system_prompt: str | None = None,
+    prompt_template: str | None = None,
 ) -> str:
-    """The prompt text the model sees (see the module docstring for the rules)."""
+    """The prompt text the model sees (see the module docstring for the rules).
+
+    ``prompt_template`` is template text (``resolve_template`` turns a preset name into it).
+    """
+    if prompt_template is not None:
+        if not isinstance(prompt, str):
+            raise DataError("data.prompt_template applies to string prompts; this prompt is a list of chat messages")
+        prompt = apply_template(prompt_template, prompt)
     if not apply_chat_template:
         if not isinstance(prompt, str):
             raise DataError("a list of chat messages needs data.apply_chat_template=true")
@@ -114,10 +127,16 @@ def load_prompts(
     answer_key: str = "solutions",
     apply_chat_template: bool = True,
     system_prompt: str | None = None,
+    prompt_template: str | None = None,
     max_prompt_length: int = 1024,
     base: Path | None = None,
 ) -> PromptDataset:
-    """Read, render and tokenise every prompt of ``files``; drop and count the overlong ones."""
+    """Read, render and tokenise every prompt of ``files``; drop and count the overlong ones.
+
+    ``prompt_template`` is a preset name or a template string (``rlsys.data.templates``).
+    """
+    # Resolved before any file is read, so a misspelt preset is reported as a config error.
+    template = resolve_template(prompt_template) if prompt_template is not None else None
     examples: list[Example] = []
     for file in files:
         path = Path(file) if base is None else base / file
@@ -129,7 +148,7 @@ def load_prompts(
     texts = []
     for example in examples:
         try:
-            texts.append(render_prompt(example.prompt, tokenizer, apply_chat_template, system_prompt))
+            texts.append(render_prompt(example.prompt, tokenizer, apply_chat_template, system_prompt, template))
         except DataError as exc:
             raise DataError(f"{example.location}: {exc}") from None
         except TemplateError as exc:  # templates reject conversations they cannot render
@@ -186,6 +205,7 @@ def _load_split(
         answer_key=config.answer_key,
         apply_chat_template=config.apply_chat_template,
         system_prompt=config.system_prompt,
+        prompt_template=config.prompt_template,
         max_prompt_length=config.max_prompt_length,
         base=base,
     )

@@ -82,20 +82,26 @@ class GRPOTrainer:
                                                      run.runner.resume_dir)
         self.step, self.times = 0, {}
         self.started_ray = not ray.is_initialized()
-        self.reward = RewardPool(run.reward).__enter__()
-        self.cluster = None
-        self.cluster = Cluster.start(run, str(resolve_model_path(run.model.path)))
-        self.actor, self.rollout = self.cluster.actor, self.cluster.rollout
-        if self.resumed_from is not None:
-            self.actor.load(str(self.resumed_from))
-            state = checkpoints.read_trainer_state(self.resumed_from)
-            self.step = state["step"]
-            self.batches.load_state_dict(state["data"])
-            self.actor.sync_weights()
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.logger = MetricsLogger(run.runner, self.output_dir, to_dict(run), start_step=self.step,
-                                    total_steps=run.runner.total_steps)
+        self.reward, self.cluster, self.logger = RewardPool(run.reward).__enter__(), None, None
+        try:
+            self.cluster = Cluster.start(run, str(resolve_model_path(run.model.path)))
+            self.actor, self.rollout = self.cluster.actor, self.cluster.rollout
+            if self.resumed_from is not None:
+                self.resume(self.resumed_from)
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self.logger = MetricsLogger(run.runner, self.output_dir, to_dict(run), start_step=self.step,
+                                        total_steps=run.runner.total_steps)
+        except BaseException:
+            self.close()
+            raise
         self.result = TrainResult(self.output_dir, resumed_from=self.resumed_from)
+
+    def resume(self, directory: Path) -> None:
+        self.actor.load(str(directory))
+        state = checkpoints.read_trainer_state(directory)
+        self.step = state["step"]
+        self.batches.load_state_dict(state["data"])
+        self.actor.sync_weights()
 
     def fit(self) -> TrainResult:
         runner = self.run.runner
@@ -179,7 +185,7 @@ class GRPOTrainer:
 
     @contextmanager
     def timed(self, phase: str) -> Iterator[None]:
-        if phase != "step" and hasattr(self, "logger"):
+        if phase != "step" and self.logger is not None:
             self.logger.phase(self.step, phase)
         started = time.perf_counter()
         try:
@@ -188,7 +194,7 @@ class GRPOTrainer:
             self.times[phase] = time.perf_counter() - started
 
     def close(self) -> None:
-        if hasattr(self, "logger"):
+        if self.logger is not None:
             self.logger.close()
         if self.cluster is not None:
             self.cluster.shutdown()
