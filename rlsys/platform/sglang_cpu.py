@@ -75,8 +75,12 @@ CPU_REQUIRED_ENGINE_ARGS: dict[str, Any] = {
 CPU_DEFAULT_ENGINE_ARGS: dict[str, Any] = {
     "dtype": "float32",
     "max_total_tokens": 32_768,
+    "sleep_on_idle": True,
 }
-"""CPU defaults a caller may override. 32k KV slots cover a rollout batch of, e.g., 64 × 512 tokens."""
+"""CPU defaults a caller may override. 32k KV slots cover a rollout batch of, e.g., 64 × 512 tokens.
+``sleep_on_idle``: an idle scheduler otherwise polls in a busy loop and takes a whole core from
+the colocated actor while it trains; sleeping waits on the request sockets, so a request still
+wakes it at once."""
 
 
 def is_cpu_device(device: str) -> bool:

@@ -26,6 +26,7 @@ def test_cpu_engine_args_add_required_settings_and_keep_caller_values() -> None:
         "model_path": "m",
         "dtype": "bfloat16",
         "max_total_tokens": sglang_cpu.CPU_DEFAULT_ENGINE_ARGS["max_total_tokens"],
+        "sleep_on_idle": True,
         **sglang_cpu.CPU_REQUIRED_ENGINE_ARGS,
     }
     sized_by_fraction = sglang_cpu.engine_args_for_device("cpu", {"mem_fraction_static": 0.1})
