@@ -147,7 +147,9 @@ class ActorWorker:
 
         # The group outlives any engine call: a sync waits for the engine while the other ranks
         # wait in a collective (see rlsys.sync.weight_sync).
-        backend = "nccl" if run.cluster.device == "cuda" else None
+        from rlsys.cluster.placement import resolve_device
+
+        backend = "nccl" if resolve_device(run.cluster.device) == "cuda" else "gloo"
         initialize_parallel(run.actor.tp, run.actor.pp, seed=run.runner.seed, backend=backend,
                             timeout_s=max(1800.0, 2 * run.sync.timeout_s, 2 * run.rollout.timeout_s))
         self.run = run

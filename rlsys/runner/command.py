@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -14,7 +15,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from rlsys.cluster.placement import ClusterError
+    from rlsys.data import DataError
+    from rlsys.runner.checkpoints import ResumeError
     from rlsys.runner.grpo import train_from_config
 
-    train_from_config(args.config, args.overrides)
+    try:
+        result = train_from_config(args.config, args.overrides)
+    except (DataError, ClusterError, ResumeError) as exc:
+        # Input and cluster problems found at start: the message names the file, field or resource.
+        print(f"rlsys train: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"[rlsys train] done: {result.output_dir} (event files in tensorboard/, checkpoints in checkpoints/)",
+          file=sys.stderr)
     return 0

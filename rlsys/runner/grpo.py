@@ -39,7 +39,7 @@ from rlsys.reward.pool import RewardPool
 from rlsys.rollout.base import SamplingParams
 from rlsys.runner import checkpoints
 from rlsys.runner.batch import build_train_batch, rollout_actor_mismatch
-from rlsys.runner.metrics import MetricsLogger
+from rlsys.runner.metrics import MetricsLogger, check_loggers
 
 TRAIN_METRICS = {"policy_loss": "train/policy_loss", "entropy": "train/entropy_loss", "ratio": "train/ratio",
                  "clip_fraction": "train/clip_fraction", "approx_kl": "train/approx_kl",
@@ -72,6 +72,7 @@ class GRPOTrainer:
         # Everything that can be wrong with the config or the data fails here, before Ray starts.
         run.data.check_files_exist(base=REPO_ROOT)
         check_model_layout(run)
+        check_loggers(run.runner)
         self.run, self.output_dir = run, Path(run.runner.output_dir)
         tokenizer = load_tokenizer_for(run.model)
         self.batches = PromptBatches.from_config(load_train_prompts(run.data, tokenizer, base=REPO_ROOT),

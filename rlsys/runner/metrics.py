@@ -23,6 +23,15 @@ HEADLINE = ("rollout/rewards", "rollout/response_length", "train/policy_loss", "
             "train/logprob_mismatch", "time/step")
 
 
+def check_loggers(runner: RunnerConfig) -> None:
+    """Fail at start, not after the workers are up, when a logger's package is missing."""
+    if "wandb" in runner.loggers:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ConfigError("runner.loggers: 'wandb' needs the wandb package (pip install wandb)") from None
+
+
 class MetricsLogger:
     def __init__(self, runner: RunnerConfig, output_dir: Path, config: dict[str, Any], *, start_step: int,
                  total_steps: int) -> None:
@@ -34,10 +43,9 @@ class MetricsLogger:
             self.writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
         self.wandb = None
         if "wandb" in runner.loggers:
-            try:
-                import wandb
-            except ImportError:
-                raise ConfigError("runner.loggers: 'wandb' needs the wandb package (pip install wandb)") from None
+            check_loggers(runner)
+            import wandb
+
             self.wandb = wandb.init(project=runner.wandb_project, name=runner.experiment_name, config=config,
                                     dir=str(output_dir), resume="allow")
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
