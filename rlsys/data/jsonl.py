@@ -7,7 +7,8 @@ Choices
     * A prompt is a non-empty string, or a non-empty list of chat messages, each an object with
       string ``role`` and ``content``. Roles are not restricted here: the chat template decides
       what it accepts.
-    * Answers are a non-empty string or a non-empty list of non-empty strings. A bare number is a
+    * Answers are a non-empty string or a non-empty list of non-empty strings. A JSON integer
+      (AIME files write ``"answer": 204``) is taken as its decimal string; any other number is a
       wrong type, not converted: "13" and 13.0 would check differently against a boxed answer, so
       the file must say which string is meant. Answers that are only whitespace count as empty.
     * Lines end at LF, CRLF or CR (Python's universal newlines) and nowhere else; a leading
@@ -105,6 +106,8 @@ def _parse_answers(record: dict[str, Any], key: str, location: str) -> tuple[str
     if key not in record:
         raise DataError(f"{location}: missing key {key!r} (the answers); keys present: {sorted(record)}")
     value = record[key]
+    if _is_integer(value):
+        value = str(value)
     answers = [value] if isinstance(value, str) else value
     if not isinstance(answers, list):
         raise DataError(f"{location}: {key!r} must be a string or a list of strings, got {_json_type(value)}")
@@ -112,11 +115,17 @@ def _parse_answers(record: dict[str, Any], key: str, location: str) -> tuple[str
         raise DataError(f"{location}: {key!r} is an empty list; at least one answer is needed")
     for i, answer in enumerate(answers):
         label = repr(key) if isinstance(value, str) else f"{key}[{i}]"
+        if _is_integer(answer):
+            answers[i] = answer = str(answer)
         if not isinstance(answer, str):
             raise DataError(f"{location}: {label} must be a string, got {_json_type(answer)}")
         if not answer.strip():
             raise DataError(f"{location}: {label} is an empty answer")
     return tuple(answers)
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _json_type(value: Any) -> str:

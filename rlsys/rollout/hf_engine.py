@@ -72,13 +72,16 @@ class HFEngine:
                 attention_mask=attention.to(self.device),
                 do_sample=not greedy,
                 max_new_tokens=params.max_new_tokens,
-                num_return_sequences=params.n,
+                # Greedy samples of one prompt are all the same: generate one, repeat it below.
+                num_return_sequences=1 if greedy else params.n,
                 pad_token_id=pad_id,
                 eos_token_id=self.eos_ids,
                 stop_strings=params.stop or None,
                 tokenizer=self.tokenizer if params.stop else None,
                 **sampling,
             ).cpu()
+        if greedy and params.n > 1:
+            sequences = sequences.repeat_interleave(params.n, dim=0)
 
         samples = [self._trim(i // params.n, row[width:].tolist(), params) for i, row in enumerate(sequences)]
         if return_logprobs:

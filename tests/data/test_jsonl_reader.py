@@ -49,7 +49,7 @@ def test_custom_keys(write_jsonl):
         ('{"prompt": [{"role": "user"}], "solutions": ["2"]}', r"prompt\[0\].content must be a string, got null"),
         ('{"prompt": ["hi"], "solutions": ["2"]}', r"prompt\[0\] must be an object"),
         ('{"prompt": "1 + 1?", "solutions": {"a": "2"}}', "'solutions' must be a string or a list of strings, got obj"),
-        ('{"prompt": "1 + 1?", "solutions": [2]}', r"solutions\[0\] must be a string, got number 2"),
+        ('{"prompt": "1 + 1?", "solutions": [2.5]}', r"solutions\[0\] must be a string, got number 2.5"),
         ('{"prompt": "1 + 1?", "solutions": []}', "'solutions' is an empty list"),
         ('{"prompt": "1 + 1?", "solutions": ""}', "'solutions' is an empty answer"),
         ('{"prompt": "1 + 1?", "solutions": ["2", " "]}', r"solutions\[1\] is an empty answer"),
@@ -79,3 +79,11 @@ def test_line_numbers_ignore_unicode_line_separators_inside_strings(write_jsonl)
     path = write_jsonl(['{"prompt": "a\u2028b", "solutions": ["1"]}', '{"prompt": "x"}'])
     with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:2: missing key 'solutions'"):
         read_jsonl(path)
+
+
+def test_integer_answers_are_read_as_their_decimal_strings(tmp_path):
+    from rlsys.data.jsonl import read_jsonl
+
+    path = tmp_path / "aime.jsonl"
+    path.write_text('{"prompt": "p", "solutions": 204}\n{"prompt": "q", "solutions": [7, "8"]}\n')
+    assert [e.answers for e in read_jsonl(path)] == [("204",), ("7", "8")]
