@@ -35,6 +35,16 @@ _PROXIED = frozenset({
 })
 
 
+def use_cpu_threads(devices_per_node: int) -> None:
+    """On CPU, give this worker its share of the node's cores (Ray pins a worker with a fractional
+    CPU to one thread); subprocesses, e.g. the SGLang scheduler, inherit it through the environment."""
+    threads = max(1, (os.cpu_count() or 1) // devices_per_node)
+    os.environ.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("", 0))
@@ -78,6 +88,8 @@ class EngineWorker:
 
     def __init__(self, run: RunConfig, model_path: str, device: str, gpu_index: int) -> None:
         rollout = run.rollout
+        if device == "cpu":
+            use_cpu_threads(run.cluster.devices_per_node)
         self.kind = rollout.engine
         if self.kind == "hf":
             import torch
@@ -150,6 +162,8 @@ class ActorWorker:
         from rlsys.cluster.placement import resolve_device
 
         backend = "nccl" if resolve_device(run.cluster.device) == "cuda" else "gloo"
+        if backend == "gloo":
+            use_cpu_threads(run.cluster.devices_per_node)
         initialize_parallel(run.actor.tp, run.actor.pp, seed=run.runner.seed, backend=backend,
                             timeout_s=max(1800.0, 2 * run.sync.timeout_s, 2 * run.rollout.timeout_s))
         self.run = run

@@ -121,6 +121,7 @@ class GRPOTrainer:
 
     def train_step(self, step: int) -> dict[str, float]:
         """One GRPO step, one role per line."""
+        self.times = {}
         with self.timed("step"):
             prompts = self.batches.next_batch()
             with self.timed("rollout"):

@@ -59,6 +59,21 @@ def test_two_steps_tp2_sglang_disaggregated_write_every_scalar(tiny_model_dir, p
     assert (tmp_path / "run" / "checkpoints" / "step_00000002" / "COMPLETE").is_file()
     assert (tmp_path / "run" / "validation" / "step_00000002").is_dir()
 
+    # HF export of a training checkpoint (saved at TP2): transformers loads it, and it holds the
+    # trained weights, not the initial ones.
+    import torch
+    from safetensors.torch import load_file
+
+    from rlsys.actor.convert import convert_mcore_to_hf
+
+    exported = convert_mcore_to_hf(tmp_path / "run" / "checkpoints" / "step_00000002" / "actor", tmp_path / "hf")
+    def weights(directory: Path) -> dict[str, torch.Tensor]:
+        return {k: v for f in sorted(directory.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    trained, initial = weights(exported), weights(tiny_model_dir)
+    assert trained.keys() == initial.keys()
+    assert any(not torch.equal(trained[name], initial[name]) for name in initial)
+
     # rlsys plot on a real run's event files.
     from PIL import Image
 
