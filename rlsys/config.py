@@ -196,7 +196,9 @@ class RolloutConfig:
     n_samples: int = 8
     """Responses per prompt (the GRPO group size)."""
     temperature: float = 1.0
-    """Sampling temperature of training rollouts (validation is greedy)."""
+    """Sampling temperature of training rollouts (validation is greedy). The actor's log-probs are
+    at temperature 1: another value samples slightly off-policy, and train/logprob_mismatch then
+    includes the temperature's effect."""
     top_p: float = 1.0
     """Nucleus sampling of training rollouts."""
     max_new_tokens: int = 1024
