@@ -36,6 +36,7 @@ Run from the repository root (the command is printed first):
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import socket
@@ -316,6 +317,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peak-tflops", type=float, default=None, help="device dense peak for MFU")
     parser.add_argument("--dry-run", action="store_true", help="shape mode on CPU with a cut model (module doc)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this path")
     args = parser.parse_args(argv)
     if args.shape and not args.random_weights:
         parser.error("--shape needs --random-weights (no checkpoint of these shapes is available offline)")
@@ -331,7 +333,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if args.threads:
         torch.set_num_threads(args.threads)
     _init_process_group()
-    return bench_shape(args) if args.shape else bench_against_hf(args)
+    results = bench_shape(args) if args.shape else bench_against_hf(args)
+    if args.json and torch.distributed.get_rank() == 0:
+        args.json.write_text(json.dumps({"bench": "actor", "mode": "shape" if args.shape else "hf", "model": args.model,
+                                         "batch_size": args.batch_size, "seq_len": args.seq_len,
+                                         "results": results}, indent=1))
+    return results
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ Run from the repository root: ``.venv/bin/python bench/bench_reward.py``.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import resource
@@ -159,6 +160,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes, both systems")
     parser.add_argument("--memory-limit-mb", type=int, default=2048, help="RLIMIT_AS of every worker")
     parser.add_argument("--show-disagreements", action="store_true", help="list the cases the two systems judge differently")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this path")
     args = parser.parse_args()
 
     interpreter = os.path.relpath(sys.executable, Path.cwd()) if sys.executable.startswith(str(Path.cwd())) else sys.executable
@@ -190,6 +192,9 @@ def main() -> int:
                 print(f"{case.label}: expected {case.expected}, rlsys {our_verdict}, math-verify {their_verdict}")
     over_timeout = sum(seconds >= args.timeout_s for seconds in ours[1])
     print(f"\nrlsys cases at or over the timeout: {over_timeout}")
+    if args.json:
+        args.json.write_text(json.dumps({"bench": "reward", "cases": len(cases), "systems": rows,
+                                         "wall_s": {"rlsys": our_wall, "math-verify": their_wall}}, indent=1))
     return 0
 
 

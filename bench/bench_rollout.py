@@ -26,6 +26,7 @@ Run from the repository root: ``.venv/bin/python bench/bench_rollout.py``.
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import tempfile
@@ -63,7 +64,7 @@ def _timed(generate, prompts: list[list[int]], params: SamplingParams, repeats: 
     return best_rate, best_tokens
 
 
-def bench_model(label: str, model_dir: Path, params: SamplingParams, repeats: int) -> None:
+def bench_model(label: str, model_dir: Path, params: SamplingParams, repeats: int) -> dict:
     prompts = chat_prompts(load_tokenizer(str(model_dir)))
     engine = SGLangEngine(model_dir, device="cpu", timeout_s=3600)
     try:
@@ -78,6 +79,8 @@ def bench_model(label: str, model_dir: Path, params: SamplingParams, repeats: in
     print(f"  SGLang  {sglang_rate:8.1f} tok/s  ({sglang_tokens} tokens)")
     print(f"  HF      {hf_rate:8.1f} tok/s  ({hf_tokens} tokens)")
     print(f"  SGLang / HF = {sglang_rate / hf_rate:.2f}", flush=True)
+    return {"model": label, "sglang_tok_s": sglang_rate, "sglang_tokens": sglang_tokens, "hf_tok_s": hf_rate,
+            "hf_tokens": hf_tokens, "sglang_startup_s": engine.startup_s}
 
 
 def main() -> None:
@@ -86,13 +89,18 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2, help="samples per prompt (8 prompts)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--models", nargs="+", default=["tiny-qwen2", "smollm2-135m-instruct"])
+    parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this path")
     args = parser.parse_args()
     print("$ " + shlex.join([sys.executable, *sys.argv]), flush=True)
     params = SamplingParams(temperature=1.0, max_new_tokens=args.max_new_tokens, n=args.n, seed=0)
+    results = []
     with tempfile.TemporaryDirectory(prefix="bench-rollout-") as scratch:
         for model in args.models:
             model_dir = _tiny_qwen2_dir(Path(scratch)) if model == "tiny-qwen2" else resolve_model_path(model)
-            bench_model(model, model_dir, params, args.repeats)
+            results.append(bench_model(model, model_dir, params, args.repeats))
+    if args.json:
+        args.json.write_text(json.dumps({"bench": "rollout", "models": results, "n": args.n,
+                                         "max_new_tokens": args.max_new_tokens}, indent=1))
 
 
 if __name__ == "__main__":

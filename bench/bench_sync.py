@@ -24,6 +24,7 @@ Choices:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import statistics
@@ -64,6 +65,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--num-layers", type=int, default=None, help="fewer layers than the shape (smoke runs)")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this path (rank 0)")
     args = parser.parse_args()
     unknown = set(args.targets.split(",")) - set(TARGETS)
     if unknown:
@@ -116,8 +118,12 @@ def clone_baseline(model: Any, hf_config: Any, repeats: int, device: torch.devic
     return total, seconds
 
 
-def line(label: str, total: int, seconds: float, baseline: float) -> str:
+def line(label: str, total: int, seconds: float, baseline: float, measured: list[dict] | None = None) -> str:
+    """One row of the printed table; with ``measured``, the numbers are also appended there (for --json)."""
     rate = total / seconds
+    if measured is not None:
+        measured.append({"path": label, "bytes": total, "seconds": seconds, "mib_per_s": rate / MIB,
+                         "ratio_to_clone": rate / baseline})
     return (f"{label:<24} {total / MIB:9.1f} MiB  {seconds:8.3f} s  {rate / MIB:9.1f} MiB/s  "
             f"ratio to clone {rate / baseline:6.3f}")
 
@@ -165,8 +171,10 @@ def megatron_only(args: argparse.Namespace, device: torch.device) -> None:
               f"world {dist.get_world_size()}, device {device}, model built in {build_s:.1f} s")
         print(f"{stats.num_tensors} HF tensors, {stats.num_buckets} buckets of {args.bucket_mb:g} MiB, "
               f"largest tensor {stats.largest_tensor_bytes / MIB:.1f} MiB")
-        print(line("clone (baseline)", total, clone_s, baseline))
-        print(line("megatron gather+convert", stats.total_bytes, seconds, baseline))
+        measured: list[dict] = []
+        print(line("clone (baseline)", total, clone_s, baseline, measured))
+        print(line("megatron gather+convert", stats.total_bytes, seconds, baseline, measured))
+        write_json(args, measured)
         if args.tp == 1:
             print(TP1_NOTE)
 
@@ -190,7 +198,8 @@ def into_engines(args: argparse.Namespace, device: torch.device) -> None:
     targets = args.targets.split(",")
     total, clone_s = clone_baseline(model, hf_config, args.repeats, device)
     baseline = total / clone_s
-    results = [line("clone (baseline)", total, clone_s, baseline)]
+    measured: list[dict] = []
+    results = [line("clone (baseline)", total, clone_s, baseline, measured)]
 
     if "megatron" in targets:
         stats = BucketStats()
@@ -199,14 +208,15 @@ def into_engines(args: argparse.Namespace, device: torch.device) -> None:
             for bucket in iter_sync_buckets(model, hf_config, bucket_bytes, stats):
                 del bucket
 
-        results.append(line("megatron gather+convert", total, median_seconds(produce, args.repeats, device), baseline))
+        results.append(line("megatron gather+convert", total, median_seconds(produce, args.repeats, device), baseline,
+                            measured))
     if "hf" in targets:
         from rlsys.rollout.hf_engine import HFEngine
 
         transport = InProcessTransport(HFEngine(model_dir))
         seconds = median_seconds(lambda: sync_weights(model, hf_config, transport, bucket_bytes=bucket_bytes),
                                  args.repeats, device)
-        results.append(line("hf (in process)", total, seconds, baseline))
+        results.append(line("hf (in process)", total, seconds, baseline, measured))
     if "sglang" in targets or "sglang-disaggregated" in targets:
         from rlsys.rollout.sglang_engine import SGLangEngine
 
@@ -222,15 +232,22 @@ def into_engines(args: argparse.Namespace, device: torch.device) -> None:
                     seconds = median_seconds(
                         lambda t=transport: sync_weights(model, hf_config, t, bucket_bytes=bucket_bytes),
                         args.repeats, device)
-                    results.append(line(f"{target}", total, seconds, baseline))
+                    results.append(line(f"{target}", total, seconds, baseline, measured))
         finally:
             engine.shutdown()
     print(f"model {args.model} ({model_dir}), actor weights {next(model.parameters()).dtype}, "
           f"bucket {args.bucket_mb:g} MiB, median of {args.repeats}, device {device}, "
           f"torch threads {torch.get_num_threads()}")
     print("\n".join(results))
+    write_json(args, measured)
     if "megatron" in targets:
         print(TP1_NOTE)
+
+
+def write_json(args: argparse.Namespace, measured: list[dict]) -> None:
+    if args.json:
+        args.json.write_text(json.dumps({"bench": "sync", "bucket_mb": args.bucket_mb, "repeats": args.repeats,
+                                         "paths": measured}, indent=1))
 
 
 def main() -> None:
