@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +155,9 @@ class ActorWorker:
     def setup(self, run: RunConfig, model_path: str, master: tuple[str, int]) -> None:
         os.environ.update(MASTER_ADDR=master[0], MASTER_PORT=str(master[1]), RANK=str(self.rank),
                           WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(self.gpu_index))
+        # megatron-core repeats these at every import on machines without TE or apex (CPU); the
+        # fallbacks they announce are the intended ones there.
+        warnings.filterwarnings("ignore", message=r".*(Apex is|Apex are|Transformer Engine and Apex are) not installed")
         from rlsys.actor.actor import MegatronActor
         from rlsys.actor.parallel import initialize_parallel
 
