@@ -9,7 +9,6 @@ ends the run; nothing waits forever on a dead worker.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from typing import Any
 
 import ray
@@ -18,7 +17,7 @@ from ray.util.placement_group import remove_placement_group
 from rlsys.cluster.placement import Layout, create_placement_group, in_bundle, local_gpu_indices, start_ray
 from rlsys.cluster.workers import ActorWorker, EngineWorker
 from rlsys.config import RunConfig
-from rlsys.rollout.base import Sample, SamplingParams
+from rlsys.rollout.base import Sample, SamplingParams, derive_seed
 
 
 class ActorGroup:
@@ -85,7 +84,7 @@ def _chunk_seed(seed: int, start: int) -> int:
     """The first chunk keeps the call's seed (one engine behaves as if unsplit)."""
     if start == 0:
         return seed
-    return int.from_bytes(hashlib.sha256(f"{seed}:{start}".encode()).digest()[:4], "little")
+    return derive_seed(seed, start)
 
 
 @dataclasses.dataclass

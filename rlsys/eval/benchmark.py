@@ -26,7 +26,6 @@ Choices:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import sys
 import time
 from collections import Counter, defaultdict
@@ -41,7 +40,7 @@ from rlsys.eval.choice import ANSWER_TYPES, choice_correct, is_choice_benchmark,
 from rlsys.eval.metrics import check_ks, default_ks, mean_pass_at_k
 from rlsys.eval.report import write_results
 from rlsys.reward.pool import STATUS_CRASH, STATUS_OK, STATUS_TIMEOUT, STATUS_TOO_LONG, RewardPool
-from rlsys.rollout.base import Sample, SamplingParams
+from rlsys.rollout.base import Sample, SamplingParams, derive_seed
 
 __all__ = ["BenchmarkResult", "evaluate_prompts", "resolve_answer_type", "score_samples", "summarize", "write_results"]
 
@@ -114,7 +113,7 @@ def evaluate_prompts(
         for start in range(0, len(prompts), batch_size):
             batch = list(prompts[start:start + batch_size])
             started = time.monotonic()
-            batch_params = dataclasses.replace(params, seed=_batch_seed(params.seed, start), n=generated_n)
+            batch_params = dataclasses.replace(params, seed=derive_seed(params.seed, start), n=generated_n)
             samples = engine.generate([list(prompt.token_ids) for prompt in batch], batch_params)
             _check_samples(samples, len(batch), generated_n, engine)
             generation_s += time.monotonic() - started
@@ -130,11 +129,6 @@ def evaluate_prompts(
     summary = summarize(records, n=params.n, ks=ks, answer_type=resolved_type)
     summary.update(generation_s=round(generation_s, 3), scoring_s=round(scoring_s, 3))
     return BenchmarkResult(name, records, summary)
-
-
-def _batch_seed(seed: int, start: int) -> int:
-    """A 32-bit seed for the batch starting at prompt ``start``, hashed from (seed, start)."""
-    return int.from_bytes(hashlib.blake2b(f"{seed}:{start}".encode(), digest_size=4).digest(), "little")
 
 
 def _check_samples(samples: Sequence[Sample], num_prompts: int, n: int, engine: object) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+import hashlib
 from typing import Protocol
 
 
@@ -52,6 +53,13 @@ class Sample:
     logprobs: list[float]
     finish_reason: str
     """'stop' (end-of-sequence token or a stop string) or 'length'."""
+
+
+def derive_seed(*parts: object) -> int:
+    """A 32-bit seed hashed from ``parts`` (e.g. the run's seed and a step): the same parts give
+    the same seed in every process and run."""
+    text = ":".join(str(part) for part in parts)
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4).digest(), "little")
 
 
 class RolloutEngine(Protocol):

@@ -20,7 +20,6 @@ Choices, and what must stay true:
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,7 +35,7 @@ from rlsys.eval.benchmark import evaluate_prompts, write_results
 from rlsys.models.offline import load_tokenizer_for, resolve_model_path
 from rlsys.models.shapes import check_model_layout
 from rlsys.reward.pool import RewardPool
-from rlsys.rollout.base import SamplingParams
+from rlsys.rollout.base import SamplingParams, derive_seed
 from rlsys.runner import checkpoints
 from rlsys.runner.batch import build_train_batch, rollout_actor_mismatch
 from rlsys.runner.metrics import MetricsLogger, check_loggers
@@ -162,7 +161,7 @@ class GRPOTrainer:
 
     def sampling(self, step: int) -> SamplingParams:
         rollout = self.run.rollout
-        seed = int.from_bytes(hashlib.sha256(f"{self.run.runner.seed}:{step}".encode()).digest()[:4], "little")
+        seed = derive_seed(self.run.runner.seed, step)
         return SamplingParams(temperature=rollout.temperature, top_p=rollout.top_p,
                               max_new_tokens=rollout.max_new_tokens, n=rollout.n_samples, seed=seed)
 
