@@ -267,9 +267,11 @@ def bench_shape(args: argparse.Namespace) -> dict[str, float]:
         run_config, seq_len, batch_size = qwen2_config(run_shape, 128), 64, 2
     else:
         run_config, seq_len, batch_size = full_config, args.seq_len, args.batch_size
+    # --activation-recompute: every layer, one at a time.
+    recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     actor = MegatronActor(
-        ActorConfig(max_tokens_per_microbatch=seq_len, lr=1e-6, params_dtype=_CONFIG_DTYPES[args.dtype], tp=args.tp,
-                    activation_recompute=args.activation_recompute),
+        ActorConfig(max_tokens_per_microbatch=seq_len, lr=1e-6, precision=args.dtype, tp=args.tp,
+                    **(recompute if args.activation_recompute else {})),
         hf_config=run_config,
         seed=args.seed,
     )
@@ -290,7 +292,6 @@ def bench_shape(args: argparse.Namespace) -> dict[str, float]:
 
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-_CONFIG_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 
 
 def _device_peak_tflops() -> float | None:

@@ -1,5 +1,6 @@
 """The shipped config tree: every experiment composes from its groups and fits its model, the GPU
-recipes hold the numbers they promise, and a config that cannot run fails at start naming the field.
+recipes launch on a GPU cluster (their RLinf numbers: tests/test_recipe_fidelity.py), and a config
+that cannot run fails at start naming the field.
 
 Risks: a group file that silently stops applying (experiment values left at schema defaults), a
 parallel layout that only fails inside megatron or SGLang on the cluster, a shipped model shape
@@ -64,26 +65,14 @@ def test_cpu_experiments_run_offline_on_shipped_files(name):
     assert all(f.startswith("examples/reasoning/data/") for f in run.data.train_files + run.data.val_files)
 
 
-@pytest.mark.parametrize(
-    "name, group_size, nodes, actor_tp, rollout_tp, clip_grad",
-    [("qwen2.5-1.5b-grpo-megatron", 16, 2, 2, 1, 0.8), ("qwen2.5-7b-grpo-megatron", 32, 4, 4, 2, 1.0)],
-)
-def test_rlinf_recipes_hold_their_numbers(name, group_size, nodes, actor_tp, rollout_tp, clip_grad):
+@pytest.mark.parametrize("name", ["qwen2.5-1.5b-grpo-megatron", "qwen2.5-7b-grpo-megatron"])
+def test_rlinf_recipes_launch_on_a_gpu_cluster(name):
+    # RLinf's own numbers, and each departure from them, are checked in tests/test_recipe_fidelity.py.
     run = load_config(name)
     assert "DeepSeek-R1-Distill-Qwen" in run.model.path
-    assert (run.rollout.n_samples, run.runner.prompts_per_step) == (group_size, 512)
-    assert (run.data.max_prompt_length, run.rollout.max_new_tokens) == (1024, 27648)
-    assert not run.data.apply_chat_template and run.data.prompt_template is None
-    assert (run.actor.tp, run.actor.pp, run.actor.sequence_parallel, run.rollout.tp) == (actor_tp, 1, True, rollout_tp)
-    assert (run.actor.lr, run.actor.lr_schedule, run.actor.clip_grad) == (2e-5, "constant", clip_grad)
-    assert (run.actor.params_dtype, run.actor.activation_recompute) == ("bfloat16", True)
-    algo = run.algorithm
-    assert (algo.loss_type, algo.agg_mode, algo.clip_low, algo.clip_high) == ("grpo_clip", "token-mean", 0.2, 0.2)
-    assert (algo.early_stop_imp_ratio, algo.kl_coef) == (5.0, 0.0)
-    assert (run.reward.correct_score, run.reward.wrong_score) == (5.0, -5.0)
-    cluster = run.cluster
-    assert (cluster.placement, cluster.device, cluster.ray_address) == ("colocated", "cuda", "auto")
-    assert (cluster.num_nodes, cluster.devices_per_node) == (nodes, 8)
+    assert run.data.prompt_template is None, "Boba prompts are already in the model's chat format"
+    assert (run.cluster.device, run.cluster.ray_address, run.cluster.devices_per_node) == ("cuda", "auto", 8)
+    assert run.rollout.engine == "sglang" and run.actor.transformer_impl == "auto"
 
 
 def test_seed_recipes_use_their_prompt_formats():

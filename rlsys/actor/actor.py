@@ -35,10 +35,20 @@ Choices, and what must stay true:
   the weights along its old moments).
 - Optimizer step, done here rather than by ``optimizer.step()`` because megatron's float32
   optimizer has no non-finite check: prepare the gradients, compute the global grad norm, and
-  apply clipping and the update only if the loss, the norm (and, for loss-scaled fp16-style
-  optimizers, megatron's own inf check) are finite on EVERY rank (one MAX all-reduce). A skipped
-  step changes nothing (no update, no scheduler advance), is counted in ``skipped_nonfinite``,
-  and ``max_consecutive_nonfinite`` skips in a row raise ``NonFiniteTrainingError``.
+  apply clipping and the update only if the loss, the norm and megatron's own inf check (which
+  runs when fp16 has a loss scaler) are finite on EVERY rank (one MAX all-reduce). A skipped step
+  changes no weight, Adam moment or learning rate. fp16: ``prepare_grads`` is where megatron
+  unscales the gradients, checks them and updates its scaler, once per attempted step, so an
+  overflowed step lowers the dynamic scale exactly as in Megatron-LM (after ``hysteresis``
+  overflows, by half). A step skipped for overflow with a finite loss while the dynamic scale can
+  still drop is that search, counted in ``skipped_overflow`` and not towards the limit below;
+  every other skip (non-finite loss, non-finite gradients without a scaler, overflow at a
+  constant scale or at ``min_loss_scale``) is counted in ``skipped_nonfinite``, and
+  ``max_consecutive_nonfinite`` of those in a row raise ``NonFiniteTrainingError``.
+- Offload (``offload_to_host`` / ``reload_to_device``, for ``actor.offload``): weights, gradient
+  buffers and optimizer state leave the device while a colocated engine generates and come back
+  bit for bit (``rlsys.actor.offload``); gradients come back zeroed. In between the actor runs
+  nothing.
 - Old log-probs: a batch that carries them is trained on them (the runner recomputes them with
   ``compute_logprobs`` as a phase of its own when ``actor.recompute_old_logprobs``, or passes the
   rollout engine's); a batch without them gets them recomputed here when
@@ -61,11 +71,12 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+from megatron.core.optimizer.grad_scaler import DynamicGradScaler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch import Tensor
 
 from rlsys.actor import checkpoint as ckpt
-from rlsys.actor.build import build_model, build_optimizer, build_scheduler, wrap_for_training
+from rlsys.actor.build import build_model, build_optimizer, build_scheduler, forward_module, wrap_for_training
 from rlsys.actor.checkpoint_files import write_latest
 from rlsys.actor.microbatch import (
     Microbatch,
@@ -76,12 +87,16 @@ from rlsys.actor.microbatch import (
     minibatch_slices,
     plan_microbatches,
 )
+from rlsys.actor.offload import OffloadedStorage, offload_storages, reload_storages
 from rlsys.actor.parallel import ParallelLayout, destroy_parallel, initialize_parallel, runs_on_cpu
 from rlsys.actor.vocab_parallel import token_logprobs_and_entropy
 from rlsys.algorithms import importance_ratio_early_stop, policy_loss, zero_loss_if_skipped
 from rlsys.config import ActorConfig, AlgorithmConfig
 from rlsys.models.architecture import architecture_of
 from rlsys.models.megatron_weights import iter_hf_weights, load_hf_into_megatron
+
+# Outcomes of one optimizer step (module doc, "Optimizer step").
+_APPLIED, _OVERFLOW, _NONFINITE = "applied", "overflow", "nonfinite"
 
 # Per-microbatch statistics carried from the loss function (last stage) to the metrics, in order.
 _STATS = (
@@ -141,7 +156,8 @@ class MegatronActor:
         self.model = build_model(hf_config, actor, on_cpu=runs_on_cpu(), **model_overrides)
         if self.model_path is not None:
             load_hf_into_megatron(self.model, self.model_path, hf_config)
-        self.wrapped = wrap_for_training(self.model, actor) if for_training else None
+        self.forward_module = forward_module(self.model)
+        self.wrapped = wrap_for_training(self.forward_module, actor) if for_training else None
         self.optimizer = build_optimizer(self.wrapped, actor) if self.wrapped is not None else None
         self.scheduler = build_scheduler(self.optimizer, actor) if self.optimizer is not None else None
         self.train_steps = 0
@@ -150,6 +166,7 @@ class MegatronActor:
         self._length_multiple = actor.tp if actor.sequence_parallel else 1
         self._dp_group = parallel_state.get_data_parallel_group()
         self._pp_group = parallel_state.get_pipeline_model_parallel_group()
+        self._offloaded: list[OffloadedStorage] | None = None
 
     # ------------------------------------------------------------------ log-probs
 
@@ -186,7 +203,8 @@ class MegatronActor:
         Returns, equal on every rank: ``policy_loss`` (mean over the minibatches that ran, before
         early-stop zeroing), ``entropy`` / ``ratio`` / ``clip_fraction`` / ``approx_kl`` (token
         means over them), ``grad_norm`` (mean over applied steps, before clipping), ``lr`` (of the
-        last step attempted), ``early_stopped``, ``skipped_nonfinite``, ``optimizer_steps``,
+        last step attempted), ``early_stopped``, ``skipped_nonfinite``, ``skipped_overflow``,
+        ``optimizer_steps``, ``loss_scale`` (after the last step; 1 without a scaler),
         ``valid_tokens`` and ``microbatches`` (this rank's count).
         """
         if self.optimizer is None:
@@ -202,7 +220,7 @@ class MegatronActor:
 
         totals = torch.zeros(len(_STATS), dtype=torch.float64)
         losses, grad_norms = [], []
-        early_stopped_minibatches = skipped_nonfinite = applied = microbatch_count = 0
+        early_stopped_minibatches = skipped_nonfinite = skipped_overflow = applied = microbatch_count = 0
         lr = self._current_lr()
         for minibatch in minibatch_slices(len(batch), self.actor.n_minibatches):
             microbatches = self._microbatches(batch, minibatch)
@@ -219,20 +237,22 @@ class MegatronActor:
             if stats[_STATS.index("contributing_tokens")].item() == 0:
                 continue
             lr = self._current_lr()
-            step_applied, grad_norm = self._optimizer_step(loss_is_finite=stats[_STATS.index("nonfinite")].item() == 0)
-            if step_applied:
+            outcome, grad_norm = self._optimizer_step(loss_is_finite=stats[_STATS.index("nonfinite")].item() == 0)
+            if outcome == _APPLIED:
                 applied += 1
                 grad_norms.append(grad_norm)
                 self.consecutive_nonfinite = 0
+            elif outcome == _OVERFLOW:
+                skipped_overflow += 1
             else:
                 skipped_nonfinite += 1
                 self.consecutive_nonfinite += 1
                 if self.consecutive_nonfinite >= self.actor.max_consecutive_nonfinite:
                     raise NonFiniteTrainingError(
                         f"{self.consecutive_nonfinite} optimizer steps in a row had a non-finite loss or "
-                        f"gradient norm (last grad norm {grad_norm}, actor.max_consecutive_nonfinite="
-                        f"{self.actor.max_consecutive_nonfinite}); check the advantages and old log-probs "
-                        "of the batch, and the learning rate"
+                        f"gradient norm (last grad norm {grad_norm}, loss scale {self._loss_scale()}, "
+                        f"actor.max_consecutive_nonfinite={self.actor.max_consecutive_nonfinite}); check the "
+                        "advantages and old log-probs of the batch, and the learning rate"
                     )
         self.train_steps += 1
 
@@ -257,7 +277,9 @@ class MegatronActor:
             "lr": lr,
             "early_stopped": float(early_stopped),
             "skipped_nonfinite": float(skipped_nonfinite),
+            "skipped_overflow": float(skipped_overflow),
             "optimizer_steps": float(applied),
+            "loss_scale": self._loss_scale(),
             "valid_tokens": tokens,
             "microbatches": float(microbatch_count),
         }
@@ -378,16 +400,21 @@ class MegatronActor:
             decision.fill_(float(skip))
         return bool(self._from_last_stage(decision).item())
 
-    def _optimizer_step(self, loss_is_finite: bool) -> tuple[bool, float]:
-        """Apply the accumulated gradients unless anything is non-finite on any rank (module doc)."""
+    def _optimizer_step(self, loss_is_finite: bool) -> tuple[str, float]:
+        """Apply the accumulated gradients unless anything is non-finite on any rank (module doc).
+
+        Returns the outcome (``_APPLIED``, ``_OVERFLOW`` or ``_NONFINITE``) and the grad norm."""
+        scale_can_drop = self._loss_scale_can_drop()
         found_inf = self.optimizer.prepare_grads()
         grad_norm = float(self.optimizer.get_grad_norm())
-        bad = torch.tensor(
-            [0.0 if loss_is_finite and not found_inf and math.isfinite(grad_norm) else 1.0], device=self.layout.device
+        flags = torch.tensor(
+            [float(not loss_is_finite), float(found_inf), float(not math.isfinite(grad_norm))],
+            device=self.layout.device,
         )
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item() > 0:
-            return False, grad_norm
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        loss_bad, overflowed, norm_bad = (flag > 0 for flag in flags.tolist())
+        if loss_bad or overflowed or norm_bad:
+            return (_OVERFLOW if overflowed and not loss_bad and scale_can_drop else _NONFINITE), grad_norm
         if self.actor.clip_grad > 0:
             for optimizer in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
                 parameters = [] if getattr(optimizer, "is_stub_optimizer", False) else optimizer.get_parameters()
@@ -400,7 +427,20 @@ class MegatronActor:
                     )
         self.optimizer.step_with_ready_grads()
         self.scheduler.step(1)
-        return True, grad_norm
+        return _APPLIED, grad_norm
+
+    def _grad_scaler(self) -> Any:
+        """Megatron's loss scaler of this optimizer (fp16), or None."""
+        members = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+        return getattr(members[0], "grad_scaler", None) if members else None
+
+    def _loss_scale_can_drop(self) -> bool:
+        scaler = self._grad_scaler()
+        return isinstance(scaler, DynamicGradScaler) and scaler.scale.item() > scaler.min_scale.item()
+
+    def _loss_scale(self) -> float:
+        scaler = self._grad_scaler()
+        return float(scaler.scale.item()) if scaler is not None else 1.0
 
     def _current_lr(self) -> float:
         if self.optimizer is None:
@@ -423,6 +463,7 @@ class MegatronActor:
 
     def save_to(self, directory: str | Path, *, step: int | None = None, with_optimizer: bool = True) -> Path:
         """Save a checkpoint into exactly ``directory`` (collective)."""
+        self._check_on_device()
         keep_optimizer = with_optimizer and self.optimizer is not None
         return ckpt.save_checkpoint(
             Path(directory),
@@ -437,6 +478,7 @@ class MegatronActor:
 
     def load_checkpoint(self, directory: str | Path, *, with_optimizer: bool = True) -> None:
         """Load a checkpoint (an actor's, or ``rlsys convert hf-to-mcore`` output with the model only)."""
+        self._check_on_device()
         load_optimizer = with_optimizer and self.optimizer is not None
         actor_state = ckpt.load_checkpoint(
             directory,
@@ -453,7 +495,45 @@ class MegatronActor:
 
     def iter_hf_weights(self) -> Iterator[tuple[str, Tensor]]:
         """The whole model as HF ``(name, tensor)`` pairs on every rank (collective; see megatron_weights)."""
+        self._check_on_device()
         return iter_hf_weights(self.model, self.hf_config)
+
+    # ------------------------------------------------------------------ device memory
+
+    def offload_to_host(self) -> None:
+        """Move weights, gradient buffers and optimizer state to host memory (module doc, "Offload").
+
+        Until ``reload_to_device`` the actor runs nothing. Calling it again is a no-op.
+        """
+        if self._offloaded is not None:
+            return
+        kept: list[Tensor] = list(self.model.parameters())
+        dropped: list[Tensor] = []
+        if self.optimizer is not None:
+            # Main weights' .grad are views or copies of the gradient buffers; drop them rather
+            # than keep device memory alive (each train step zeroes the gradients first anyway).
+            self.optimizer.zero_grad()
+            for member in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+                if getattr(member, "is_stub_optimizer", False):
+                    continue
+                for group in member.optimizer.param_groups:
+                    kept.extend(group["params"])
+                for state in member.optimizer.state.values():
+                    kept.extend(value for value in state.values() if isinstance(value, Tensor))
+        if self.wrapped is not None:
+            dropped.extend(buffer.grad_data for buffer in self.wrapped.buffers + self.wrapped.expert_parallel_buffers)
+        self._offloaded = offload_storages(kept, dropped, self.layout.device)
+
+    def reload_to_device(self) -> None:
+        """Bring back what ``offload_to_host`` moved, bit for bit (gradients zeroed); a no-op if nothing was."""
+        if self._offloaded is None:
+            return
+        reload_storages(self._offloaded)
+        self._offloaded = None
+
+    def _check_on_device(self) -> None:
+        if self._offloaded is not None:
+            raise RuntimeError("the actor's weights and optimizer state are in host memory: call reload_to_device()")
 
     def close(self) -> None:
         """Release megatron's parallel state (the default process group stays).
@@ -484,6 +564,7 @@ class MegatronActor:
     def _run_schedule(
         self, microbatches: list[Microbatch], loss_func: Callable[..., Any], *, forward_only: bool
     ) -> list[Any]:
+        self._check_on_device()
         device = self.layout.device
         tensor_fields = ("tokens", "position_ids", "labels", "loss_mask", "old_logprobs", "ref_logprobs", "advantages")
         on_device = [
@@ -501,7 +582,7 @@ class MegatronActor:
         return get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=iter(on_device),
-            model=[self.wrapped if self.wrapped is not None else self.model],
+            model=[self.wrapped if self.wrapped is not None else self.forward_module],
             num_microbatches=len(on_device),
             seq_length=max(mb.tokens.shape[1] for mb in on_device),
             micro_batch_size=max(mb.tokens.shape[0] for mb in on_device),

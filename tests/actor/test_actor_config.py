@@ -25,7 +25,15 @@ def test_defaults_compose_with_the_sections() -> None:
     [
         ("actor.tp=0", "actor.tp"),
         ("actor.transformer_impl=apex", "actor.transformer_impl"),
-        ("actor.params_dtype=float16", "actor.params_dtype"),
+        ("actor.precision=float16", "actor.precision"),
+        ("actor.loss_scale=1024", "actor.loss_scale"),
+        ("actor.min_loss_scale=0", "actor.min_loss_scale"),
+        ("actor.initial_loss_scale=0.5", "actor.initial_loss_scale"),
+        ("actor.loss_scale_window=0", "actor.loss_scale_window"),
+        ("actor.hysteresis=0", "actor.hysteresis"),
+        ("actor.recompute_granularity=layer", "actor.recompute_granularity"),
+        ("actor.recompute_granularity=full", "actor.recompute_method"),
+        ("actor.recompute_num_layers=2", "actor.recompute_num_layers"),
         ("actor.sequence_parallel=true", "actor.sequence_parallel"),
         ("actor.lr_schedule=cosine", "actor.lr_schedule"),
         ("actor.lr_schedule=warmup", "actor.lr_warmup_steps"),
@@ -52,3 +60,14 @@ def test_bad_value_names_the_field(override: str, field: str) -> None:
 def test_early_stop_can_be_turned_off() -> None:
     run = load_config("smollm2-135m-grpo-cpu", ["algorithm.early_stop_imp_ratio=null"])
     assert run.algorithm.early_stop_imp_ratio is None
+
+
+def test_fp16_loss_scale_and_recompute_compose_when_consistent() -> None:
+    recompute = ["actor.recompute_granularity=full", "actor.recompute_method=block"]
+    run = load_config("smollm2-135m-grpo-cpu", ["actor.precision=fp16", "actor.loss_scale=65536",
+                                                *recompute, "actor.recompute_num_layers=20"])
+    actor = run.actor
+    assert (actor.precision, actor.loss_scale, actor.recompute_method, actor.recompute_num_layers) == (
+        "fp16", 65536.0, "block", 20)
+    with pytest.raises(ConfigError, match=r"^actor\.recompute_num_layers:"):
+        load_config("smollm2-135m-grpo-cpu", recompute)

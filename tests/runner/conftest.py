@@ -53,7 +53,7 @@ def loop_overrides(model_dir: Path, files: tuple[Path, Path], output_dir: Path, 
         "runner.progress_bar": False,
         "runner.output_dir": str(output_dir),
         "actor.lr": 1e-3,
-        "actor.params_dtype": "float32",
+        "actor.precision": "fp32",
         "actor.max_tokens_per_microbatch": 512,
     }
     values.update(settings)
