@@ -210,7 +210,16 @@ class RolloutConfig:
     mem_fraction_static: float | None = None
     """SGLang's static memory fraction (weights + KV cache) on GPU; None takes SGLang's default."""
     timeout_s: float = 1800.0
-    """Limit of one engine call (a generate of a whole batch included)."""
+    """Progress limit of generation: the run fails when no request of an engine finished for this
+    long (a batch as a whole may take longer); also the limit of every other engine call."""
+    max_running_requests: int = 64
+    """Requests in flight per engine; the rest of a batch streams in as they finish (RLinf: 64).
+    Also passed to SGLang as its own cap on running requests."""
+    attention_backend: str | None = None
+    """SGLang attention backend on GPU (e.g. 'flashinfer', 'fa3', 'triton'); None takes SGLang's
+    default. CPU engines always use 'torch_native'."""
+    cuda_graph_max_bs: int | None = None
+    """Largest batch SGLang captures CUDA graphs for (GPU only); None takes SGLang's default."""
 
     def __post_init__(self) -> None:
         if self.engine not in self.ENGINES:
@@ -230,6 +239,10 @@ class RolloutConfig:
             _fail(self.SECTION, "mem_fraction_static", f"must be in (0, 1), got {self.mem_fraction_static}")
         if self.timeout_s <= 0:
             _fail(self.SECTION, "timeout_s", f"must be positive, got {self.timeout_s}")
+        if self.max_running_requests < 1:
+            _fail(self.SECTION, "max_running_requests", f"must be >= 1, got {self.max_running_requests}")
+        if self.cuda_graph_max_bs is not None and self.cuda_graph_max_bs < 1:
+            _fail(self.SECTION, "cuda_graph_max_bs", f"must be >= 1 (or null), got {self.cuda_graph_max_bs}")
 
 
 @dataclass
@@ -250,6 +263,10 @@ class ClusterConfig:
     """Disaggregated only: devices of the rollout engines (the actor gets the rest)."""
     ray_address: str = "local"
     """'local' starts a Ray instance for this run; 'auto' or host:port joins a running cluster."""
+    gpu_memory_gib: float = 80.0
+    """Memory of one GPU, for the per-phase memory estimate of ``rlsys plan`` and its warning."""
+    start_timeout_s: float = 300.0
+    """Limit of every start-up wait: the placement group, each worker's start, each engine's start."""
 
     def __post_init__(self) -> None:
         if self.placement not in self.PLACEMENTS:
@@ -259,6 +276,10 @@ class ClusterConfig:
         for name in ("num_nodes", "devices_per_node"):
             if getattr(self, name) < 1:
                 _fail(self.SECTION, name, f"must be >= 1, got {getattr(self, name)}")
+        if self.gpu_memory_gib <= 0:
+            _fail(self.SECTION, "gpu_memory_gib", f"must be positive, got {self.gpu_memory_gib}")
+        if self.start_timeout_s <= 0:
+            _fail(self.SECTION, "start_timeout_s", f"must be positive, got {self.start_timeout_s}")
         if self.placement == "colocated" and self.rollout_devices:
             _fail(self.SECTION, "rollout_devices", "is for placement=disaggregated; colocated engines share the actor's devices")
         if self.placement == "disaggregated" and not 0 < self.rollout_devices < self.total_devices:
@@ -297,8 +318,9 @@ class SyncConfig:
     """Limit of every engine call and wait of one sync step; a sync never hangs longer."""
     backend: str = "auto"
     """Disaggregated only: 'nccl', 'gloo', or 'auto' (gloo for CPU weights, NCCL for CUDA ones)."""
-    master_address: str = "127.0.0.1"
-    """Disaggregated only: an address of the sync source's host that the engine's host can reach."""
+    master_address: str = "auto"
+    """Disaggregated only: an address of the sync source's host that the engine's host can reach;
+    'auto' takes the source's node IP as Ray reports it, found at run time."""
     master_port: int = 0
     """Disaggregated only: port of the group's TCP store on the source; 0 picks a free one."""
     group_name: str = "rlsys_weight_sync"
@@ -332,8 +354,10 @@ class ActorConfig:
     SECTION: ClassVar[str] = "actor"
 
     TRANSFORMER_IMPLS: ClassVar[tuple[str, ...]] = ("auto", "local", "transformer_engine")
-    PARAMS_DTYPES: ClassVar[tuple[str, ...]] = ("auto", "float32", "bfloat16")
+    PRECISIONS: ClassVar[tuple[str, ...]] = ("auto", "fp32", "bf16", "fp16")
     LR_SCHEDULES: ClassVar[tuple[str, ...]] = ("constant", "warmup")
+    RECOMPUTE_GRANULARITIES: ClassVar[tuple[str, ...]] = ("full", "selective")
+    RECOMPUTE_METHODS: ClassVar[tuple[str, ...]] = ("uniform", "block")
 
     tp: int = 1
     """Tensor-parallel size; must divide the attention heads and the KV heads (or be a multiple of them)."""
@@ -341,12 +365,31 @@ class ActorConfig:
     """Pipeline-parallel size; must divide the number of layers. DP is world size / (tp * pp)."""
     transformer_impl: str = "auto"
     """Layer implementation: local, transformer_engine, or auto (TE when CUDA and TE are present)."""
-    params_dtype: str = "auto"
-    """Parameter dtype: float32, bfloat16, or auto (float32 on CPU, bfloat16 on GPU)."""
+    precision: str = "auto"
+    """Weights and compute: fp32, bf16, fp16 (with megatron's loss scaler), or auto (fp32 on CPU, bf16 on GPU);
+    optimizer state and main weights are fp32 in every case."""
+    loss_scale: float | None = None
+    """fp16: a constant loss scale (megatron's ConstantGradScaler); null scales dynamically (the four below)."""
+    initial_loss_scale: float = 2.0**32
+    """fp16, dynamic scale: the loss scale of the first step (megatron's default)."""
+    min_loss_scale: float = 1.0
+    """fp16, dynamic scale: the scale never halves below this."""
+    loss_scale_window: int = 1000
+    """fp16, dynamic scale: the scale doubles after this many optimizer steps in a row without overflow."""
+    hysteresis: int = 2
+    """fp16, dynamic scale: overflows since the scale last doubled before it halves; each later overflow halves it."""
     sequence_parallel: bool = False
     """Megatron sequence parallel (needs tp > 1): splits norms and dropout activations over TP ranks."""
-    activation_recompute: bool = False
-    """Recompute every layer's activations in backward (less memory, about a third more compute)."""
+    recompute_granularity: str | None = None
+    """Activation recompute in backward: null (none), full (whole layers, see recompute_method) or selective
+    (core attention only)."""
+    recompute_method: str | None = None
+    """Full recompute only: uniform (all layers, in chunks of recompute_num_layers) or block (the first
+    recompute_num_layers layers of each pipeline stage)."""
+    recompute_num_layers: int | None = None
+    """Full recompute only: layers per chunk (uniform) or recomputed layers per pipeline stage (block)."""
+    offload: bool = False
+    """Keep weights, gradients and optimizer state in host memory while the rollout engines generate (colocated)."""
     max_tokens_per_microbatch: int = 4096
     """Token budget of one microbatch, counting padding: rows times its longest sequence."""
     n_minibatches: int = 1
@@ -384,12 +427,14 @@ class ActorConfig:
                 _fail(self.SECTION, name, f"must be >= 1, got {getattr(self, name)}")
         choices = {
             "transformer_impl": self.TRANSFORMER_IMPLS,
-            "params_dtype": self.PARAMS_DTYPES,
+            "precision": self.PRECISIONS,
             "lr_schedule": self.LR_SCHEDULES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 _fail(self.SECTION, name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        self._check_loss_scale()
+        self._check_recompute()
         if self.sequence_parallel and self.tp == 1:
             _fail(self.SECTION, "sequence_parallel", "needs tp > 1")
         if self.lr <= 0:
@@ -409,6 +454,42 @@ class ActorConfig:
             _fail(self.SECTION, "adam_eps", f"must be positive, got {self.adam_eps}")
         if self.clip_grad < 0:
             _fail(self.SECTION, "clip_grad", f"must be >= 0 (0 turns clipping off), got {self.clip_grad}")
+
+    def _check_loss_scale(self) -> None:
+        if self.loss_scale is not None:
+            if self.precision != "fp16":
+                _fail(self.SECTION, "loss_scale", f"is for precision=fp16, got precision={self.precision!r}")
+            if self.loss_scale <= 0:
+                _fail(self.SECTION, "loss_scale", f"must be positive (or null), got {self.loss_scale}")
+        if self.min_loss_scale <= 0:
+            _fail(self.SECTION, "min_loss_scale", f"must be positive, got {self.min_loss_scale}")
+        if self.initial_loss_scale < self.min_loss_scale:
+            _fail(self.SECTION, "initial_loss_scale",
+                  f"must be >= min_loss_scale ({self.min_loss_scale}), got {self.initial_loss_scale}")
+        for name in ("loss_scale_window", "hysteresis"):
+            if getattr(self, name) < 1:
+                _fail(self.SECTION, name, f"must be >= 1, got {getattr(self, name)}")
+
+    def _check_recompute(self) -> None:
+        # Megatron's TransformerConfig rules, raised here with the field's name; stricter in one way:
+        # a method or layer count that megatron would ignore is refused rather than left unused.
+        granularity, method, num_layers = self.recompute_granularity, self.recompute_method, self.recompute_num_layers
+        if granularity is not None and granularity not in self.RECOMPUTE_GRANULARITIES:
+            _fail(self.SECTION, "recompute_granularity",
+                  f"must be null or one of {', '.join(self.RECOMPUTE_GRANULARITIES)}, got {granularity!r}")
+        if method is not None and method not in self.RECOMPUTE_METHODS:
+            _fail(self.SECTION, "recompute_method",
+                  f"must be null or one of {', '.join(self.RECOMPUTE_METHODS)}, got {method!r}")
+        if granularity == "full":
+            if method is None:
+                _fail(self.SECTION, "recompute_method", "must be uniform or block with recompute_granularity=full")
+            if num_layers is None or num_layers < 1:
+                _fail(self.SECTION, "recompute_num_layers",
+                      f"must be >= 1 with recompute_granularity=full, got {num_layers}")
+        else:
+            for name in ("recompute_method", "recompute_num_layers"):
+                if getattr(self, name) is not None:
+                    _fail(self.SECTION, name, f"is for recompute_granularity=full, got {granularity}")
 
 
 @dataclass
