@@ -10,7 +10,7 @@ import importlib
 import sys
 
 # Each owns one subcommand: ``add_parser(subparsers)`` adds it, importing nothing heavy.
-_COMMAND_MODULES = ("rlsys.runner.command", "rlsys.eval.command", "rlsys.plot")
+_COMMAND_MODULES = ("rlsys.runner.command", "rlsys.eval.command", "rlsys.cluster.plan", "rlsys.plot")
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:

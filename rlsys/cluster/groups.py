@@ -1,9 +1,17 @@
 """The driver's view of the workers: ``ActorGroup`` (SPMD Megatron ranks) and ``RolloutGroup`` (engines).
 
 ``Cluster.start(run, model_path)`` starts Ray (``rlsys.cluster.placement``), places the workers
-and connects rank 0 to the engines; ``Cluster.shutdown()`` ends them all and removes the
-placement group. A worker that dies makes the next call raise Ray's error in the driver, which
-ends the run; nothing waits forever on a dead worker.
+on the placed devices, and connects every engine to the actor ranks of its route
+(``rlsys.cluster.routes``); ``Cluster.shutdown()`` ends them all and removes the placement group.
+``dry_run=True`` places workers that decide everything and build nothing (``rlsys plan --simulate``).
+Every start-up wait is bounded by ``cluster.start_timeout_s`` and names what did not come up. A
+worker that dies makes the next call raise Ray's error in the driver, which ends the run; nothing
+waits forever on a dead worker.
+
+Rollout streams: each engine gets at most ``rollout.max_running_requests`` requests (samples) per
+call, the next chunk as soon as it returned one, so that a batch of any size has a bounded number
+of requests in flight per engine and a progress timeout (``rollout.timeout_s`` without any chunk
+finishing fails the rollout, naming the engines) instead of one timeout for the whole batch.
 """
 
 from __future__ import annotations
@@ -14,7 +22,16 @@ from typing import Any
 import ray
 from ray.util.placement_group import remove_placement_group
 
-from rlsys.cluster.placement import Layout, create_placement_group, in_bundle, local_gpu_indices, start_ray
+from rlsys.cluster.placement import (
+    ClusterError,
+    Device,
+    Layout,
+    create_placement_group,
+    in_bundle,
+    place_devices,
+    start_ray,
+)
+from rlsys.cluster.routes import EngineRoute, sync_routes
 from rlsys.cluster.workers import ActorWorker, EngineWorker
 from rlsys.config import RunConfig
 from rlsys.rollout.base import Sample, SamplingParams, derive_seed
@@ -23,8 +40,9 @@ from rlsys.rollout.base import Sample, SamplingParams, derive_seed
 class ActorGroup:
     """Every Megatron rank runs the same call; rank 0's result is returned (all ranks agree)."""
 
-    def __init__(self, workers: list[Any]) -> None:
+    def __init__(self, workers: list[Any], offload: bool = False) -> None:
         self.workers = workers
+        self.offload_enabled = offload
 
     def call(self, method: str, *args: Any) -> Any:
         refs = [ray.put(arg) if not isinstance(arg, ray.ObjectRef) else arg for arg in args]
@@ -42,37 +60,69 @@ class ActorGroup:
     def save(self, directory: str) -> None:
         self.call("save", directory)
 
+    def offload(self) -> None:
+        """``actor.offload``: parameters, gradients and optimizer state to host while the engines generate."""
+        if self.offload_enabled:
+            self.call("offload")
+
+    def reload(self) -> None:
+        if self.offload_enabled:
+            self.call("reload")
+
     def load(self, directory: str) -> None:
         self.call("load", directory)
 
 
 class RolloutGroup:
-    """The engines as one: prompts are split into contiguous chunks, one per engine."""
+    """The engines as one: prompts stream to them in chunks (see the top)."""
 
-    def __init__(self, workers: list[Any], release_during_training: bool) -> None:
+    def __init__(self, workers: list[Any], release_during_training: bool, max_running_requests: int = 64,
+                 progress_timeout_s: float = 1800.0) -> None:
         self.workers = workers
         self.release_during_training = release_during_training
+        self.max_running_requests = max_running_requests
+        self.progress_timeout_s = progress_timeout_s
 
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[Sample]:
-        chunks = _split(len(prompt_ids), len(self.workers))
-        refs = []
-        for engine, (start, stop) in zip(self.workers, chunks):
-            if stop > start:
-                chunk_params = dataclasses.replace(params, seed=_chunk_seed(params.seed, start))
-                refs.append((start, engine.generate.remote(prompt_ids[start:stop], chunk_params)))
-        samples: list[Sample] = []
-        for start, ref in refs:
-            for sample in ray.get(ref):
-                samples.append(dataclasses.replace(sample, prompt_index=sample.prompt_index + start))
-        return samples
+        per_chunk = max(1, self.max_running_requests // max(1, params.n))
+        # A batch no larger than the engines' capacity is split evenly, as one call per engine.
+        if len(prompt_ids) <= per_chunk * len(self.workers):
+            chunks = [c for c in _split(len(prompt_ids), len(self.workers)) if c[1] > c[0]]
+        else:
+            chunks = [(start, min(start + per_chunk, len(prompt_ids))) for start in range(0, len(prompt_ids), per_chunk)]
+        queue = list(reversed(chunks))
+        running: dict[Any, tuple[int, int]] = {}
+        finished: dict[int, list[Sample]] = {}
+
+        def submit(engine: int) -> None:
+            start, stop = queue.pop()
+            chunk_params = dataclasses.replace(params, seed=_chunk_seed(params.seed, start))
+            running[self.workers[engine].generate.remote(prompt_ids[start:stop], chunk_params)] = (engine, start)
+
+        for engine in range(min(len(self.workers), len(queue))):
+            submit(engine)
+        while running:
+            done, _ = ray.wait(list(running), num_returns=1, timeout=self.progress_timeout_s)
+            if not done:
+                busy = sorted({engine for engine, _ in running.values()})
+                raise TimeoutError(
+                    f"rollout: no request of engines {busy} finished within {self.progress_timeout_s:g} s "
+                    f"(rollout.timeout_s); {sum(map(len, finished.values()))} of {len(prompt_ids) * params.n} "
+                    f"samples were done")
+            engine, start = running.pop(done[0])
+            finished[start] = [dataclasses.replace(s, prompt_index=s.prompt_index + start)
+                               for s in ray.get(done[0], timeout=self.progress_timeout_s)]
+            if queue:
+                submit(engine)
+        return [sample for start in sorted(finished) for sample in finished[start]]
 
     def release_memory(self) -> None:
         if self.release_during_training:
-            ray.get([w.call.remote("release_memory") for w in self.workers])
+            ray.get([w.call.remote("release_memory") for w in self.workers], timeout=self.progress_timeout_s)
 
     def resume_memory(self) -> None:
         if self.release_during_training:
-            ray.get([w.call.remote("resume_memory") for w in self.workers])
+            ray.get([w.call.remote("resume_memory") for w in self.workers], timeout=self.progress_timeout_s)
 
 
 def _split(total: int, parts: int) -> list[tuple[int, int]]:
@@ -90,43 +140,63 @@ def _chunk_seed(seed: int, start: int) -> int:
 @dataclasses.dataclass
 class Cluster:
     layout: Layout
+    devices: list[Device]
+    routes: list[EngineRoute]
     actor: ActorGroup
     rollout: RolloutGroup
     sync_transport: str
+    placed: dict[str, Any]
+    """What the workers reported: ``actor_ranks`` (node, GPU, coordinates, master) and ``roles``."""
     _group: Any
     _actors: list[Any]
     _engines: list[Any]
 
     @classmethod
-    def start(cls, run: RunConfig, model_path: str) -> Cluster:
+    def start(cls, run: RunConfig, model_path: str, *, dry_run: bool = False) -> Cluster:
         layout = Layout.of(run)
+        timeout = run.cluster.start_timeout_s
         start_ray(run, layout)
-        group = create_placement_group(layout, run.cluster.num_nodes)
-        gpus = local_gpu_indices(group, layout)
-        env = {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"} if layout.device == "cuda" else {}
-        resource = "num_gpus" if layout.device == "cuda" else "num_cpus"
-        engine_cls = ray.remote(EngineWorker)
-        actor_cls = ray.remote(ActorWorker)
-        # Engines first: they take longest to start, and the actor ranks build meanwhile.
-        engines = [
-            engine_cls.options(**{resource: layout.share}, scheduling_strategy=in_bundle(group, bundle),
-                               runtime_env={"env_vars": env}, name=None).remote(run, model_path, layout.device,
-                                                                                  gpus[bundle])
-            for bundle in layout.engine_bundles
-        ]
-        actors = [
-            actor_cls.options(**{resource: layout.share}, scheduling_strategy=in_bundle(group, bundle),
-                              runtime_env={"env_vars": env}).remote(rank, layout.actor_ranks, gpus[bundle])
-            for rank, bundle in enumerate(layout.actor_bundles)
-        ]
-        master = ray.get(actors[0].address.remote())
-        ray.get([a.setup.remote(run, model_path, master) for a in actors])
-        described = ray.get([e.describe.remote() for e in engines])
-        transport = resolve_transport(run)
-        ray.get([a.connect_engines.remote([(e, name, args) for e, (name, args) in zip(engines, described)],
-                                          transport) for a in actors])
+        group = create_placement_group(layout, timeout)
+        actors: list[Any] = []
+        engines: list[Any] = []
+        try:
+            devices = place_devices(group, layout, timeout)
+            env = {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"} if layout.device == "cuda" else {}
+            options = {**layout.worker_resources(), "runtime_env": {"env_vars": env}}
+            engine_cls, actor_cls = ray.remote(EngineWorker), ray.remote(ActorWorker)
+            # Engines first: they take longest to start, and the actor ranks build meanwhile.
+            for e in range(layout.num_engines):
+                own = [devices[i] for i in layout.engine_devices(e)]
+                engines.append(engine_cls.options(**options, scheduling_strategy=in_bundle(group, own[0].bundle)).remote(
+                    run, model_path, layout.device, [d.as_dict() for d in own], dry_run))
+            for rank in layout.actor_devices:
+                actors.append(actor_cls.options(**options, scheduling_strategy=in_bundle(group, devices[rank].bundle))
+                              .remote(rank, layout.actor_ranks, devices[rank].as_dict(), dry_run))
+            master = _wait([actors[0].address.remote()], timeout, ["actor rank 0"])[0]
+            ranks = _wait([a.setup.remote(run, model_path, master) for a in actors], timeout,
+                          [f"actor rank {r}" for r in range(len(actors))])
+            described = _wait([e.describe.remote() for e in engines], timeout,
+                              [f"engine {e}" for e in range(len(engines))])
+            transport = resolve_transport(run)
+            routes = sync_routes(layout, devices, transport, run.sync.master_address)
+            handles = [(e, name, args) for e, (name, args) in zip(engines, described)]
+            roles = _wait([a.connect_engines.remote(routes, handles) for a in actors], timeout,
+                          [f"actor rank {r} connecting to its engines" for r in range(len(actors))])
+        except BaseException:
+            for handle in actors + engines:
+                ray.kill(handle)
+            remove_placement_group(group)
+            raise
         release = layout.placement == "colocated" and layout.device == "cuda"
-        return cls(layout, ActorGroup(actors), RolloutGroup(engines, release), transport, group, actors, engines)
+        rollout = RolloutGroup(engines, release, run.rollout.max_running_requests, run.rollout.timeout_s)
+        placed = {"actor_ranks": ranks, "roles": roles}
+        return cls(layout, devices, routes, ActorGroup(actors, run.actor.offload), rollout, transport, placed,
+                   group, actors, engines)
+
+    def engine_status(self) -> list[dict[str, Any]]:
+        """Each engine's placement and the senders of its last sync (``EngineWorker.status``)."""
+        return _wait([e.status.remote() for e in self._engines], 120.0,
+                     [f"engine {e}" for e in range(len(self._engines))])
 
     def shutdown(self) -> None:
         for handles, method in ((self._actors, "shutdown"), (self._engines, "shutdown")):
@@ -137,6 +207,16 @@ class Cluster:
         for handle in self._actors + self._engines:
             ray.kill(handle)
         remove_placement_group(self._group)
+
+
+def _wait(refs: list[Any], timeout_s: float, names: list[str]) -> list[Any]:
+    """``ray.get`` of start-up calls, bounded; a timeout names the workers that did not answer."""
+    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    if pending:
+        late = [name for name, ref in zip(names, refs) if ref in pending]
+        raise ClusterError(f"cluster: {', '.join(late)} did not come up within {timeout_s:g} s "
+                           f"(cluster.start_timeout_s); their Ray logs say why")
+    return ray.get(refs, timeout=timeout_s)
 
 
 def resolve_transport(run: RunConfig) -> str:

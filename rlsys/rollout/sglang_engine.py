@@ -315,12 +315,18 @@ class SGLangEngine(WeightUpdateSessions):
         self.update_weights_from_serialized(serialize_named_tensors(named_tensors), flush_cache=flush_cache,
                                             load_format=load_format, timeout_s=timeout_s)
 
-    def update_weights_from_serialized(self, payload: bytes, *, flush_cache: bool = True,
+    def update_weights_from_serialized(self, payload: bytes | Sequence[bytes], *, flush_cache: bool = True,
                                        load_format: str | None = None, timeout_s: float | None = None) -> None:
         """``update_weights_from_tensor`` with tensors already serialised by ``serialize_named_tensors``
-        (in the process that owns them: CUDA IPC handles must come from there)."""
+        (in the process that owns them: CUDA IPC handles must come from there). One payload goes to
+        every TP rank; a list gives TP rank ``i`` its ``i``-th payload (colocated: the one made on
+        that rank's own GPU)."""
+        payloads = [payload] if isinstance(payload, bytes) else list(payload)
+        tp_size = int(self.engine_args.get("tp_size") or 1)
+        if len(payloads) not in (1, tp_size):
+            raise ValueError(f"{self.name}: {len(payloads)} payloads for an engine of {tp_size} TP ranks")
         timeout = self.timeout_s if timeout_s is None else timeout_s
-        self._call("update_weights_from_tensor", timeout, payload=payload, load_format=load_format,
+        self._call("update_weights_from_tensor", timeout, payloads=payloads, load_format=load_format,
                    flush_wait_s=timeout if flush_cache else None)
 
     def update_weights_from_disk(self, model_path: str | Path, *, timeout_s: float | None = None) -> None:
@@ -569,14 +575,14 @@ def _in_session(engine: Any, own_session: bool, update: Callable[[], Any], what:
         _flush_cache(engine, flush_wait_s=flush_wait_s)
 
 
-def _update_weights_from_tensor(engine: Any, *, payload: bytes, load_format: str | None, own_session: bool,
+def _update_weights_from_tensor(engine: Any, *, payloads: list[bytes], load_format: str | None, own_session: bool,
                                 flush_wait_s: float | None) -> None:
     # Engine.update_weights_from_tensor minus its serialisation step: the payload is already what
-    # the scheduler deserialises, one copy per TP rank (sglang 0.5.21 entrypoints/engine.py).
+    # the scheduler deserialises, one per TP rank (sglang 0.5.21 entrypoints/engine.py).
     from sglang.srt.managers.io_struct import UpdateWeightsFromTensorReqInput
 
     request = UpdateWeightsFromTensorReqInput(
-        serialized_named_tensors=[payload] * engine.server_args.tp_size,
+        serialized_named_tensors=payloads * engine.server_args.tp_size if len(payloads) == 1 else payloads,
         load_format=load_format,
         flush_cache=False,
     )

@@ -16,6 +16,9 @@ Choices, and what must stay true:
   same ``rlsys.eval`` code and reward as ``rlsys eval``: before the first step, every
   ``runner.val_interval`` steps and after the last.
 - A step whose every group the filter dropped trains on nothing and skips the sync.
+- Memory when colocated on GPU: the engines release theirs for the train phase; with
+  ``actor.offload`` the actor's state lives on the host from the end of each sync until the next
+  train phase (RLinf's order), so the engines generate with the whole GPU.
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ from rlsys.runner.metrics import MetricsLogger, check_loggers
 TRAIN_METRICS = {"policy_loss": "train/policy_loss", "entropy": "train/entropy_loss", "ratio": "train/ratio",
                  "clip_fraction": "train/clip_fraction", "approx_kl": "train/approx_kl",
                  "grad_norm": "train/grad_norm", "lr": "train/lr", "early_stopped": "train/early_stopped",
-                 "skipped_nonfinite": "train/skipped_nonfinite", "optimizer_steps": "train/optimizer_steps"}
+                 "skipped_nonfinite": "train/skipped_nonfinite", "optimizer_steps": "train/optimizer_steps",
+                 "skipped_overflow": "train/skipped_overflow", "loss_scale": "train/loss_scale"}
 
 
 @dataclass
@@ -88,6 +92,7 @@ class GRPOTrainer:
             self.actor, self.rollout = self.cluster.actor, self.cluster.rollout
             if self.resumed_from is not None:
                 self.resume(self.resumed_from)
+            self.actor.offload()
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self.logger = MetricsLogger(run.runner, self.output_dir, to_dict(run), start_step=self.step,
                                         total_steps=run.runner.total_steps)
@@ -134,6 +139,7 @@ class GRPOTrainer:
             if train.batch is not None:
                 with self.timed("train"):
                     self.rollout.release_memory()
+                    self.actor.reload()
                     old = self.actor.compute_logprobs(train.batch) if self.run.actor.recompute_old_logprobs \
                         else train.rollout_logprobs
                     metrics["train/logprob_mismatch"] = rollout_actor_mismatch(train.rollout_logprobs, old)
@@ -142,6 +148,7 @@ class GRPOTrainer:
                 metrics |= {TRAIN_METRICS[k]: v for k, v in updated.items() if k in TRAIN_METRICS}
                 with self.timed("sync"):
                     metrics |= self.actor.sync_weights()
+                self.actor.offload()
         metrics |= {f"time/{phase}": seconds for phase, seconds in self.times.items()}
         metrics["throughput/tokens_per_s"] = metrics["rollout/tokens"] / metrics["time/step"]
         metrics["reward/timeouts"], metrics["reward/crashes"] = float(scored.n_timeout), float(scored.n_crash)
@@ -178,7 +185,9 @@ class GRPOTrainer:
 
             shutil.rmtree(directory)
         directory.mkdir(parents=True)
+        self.actor.reload()  # an offloaded actor saves from the device, as it trained
         self.actor.save(str(directory))
+        self.actor.offload()
         checkpoints.write_trainer_state(directory, {"step": self.step, "data": self.batches.state_dict(),
                                                     "config": to_dict(self.run)})
         checkpoints.mark_complete(directory)

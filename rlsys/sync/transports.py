@@ -102,6 +102,10 @@ class ColocatedTransport:
     def send(self, bucket: NamedTensors) -> None:
         self.engine.update_weights_from_tensor(bucket, flush_cache=False, timeout_s=self.timeout_s)
 
+    def send_serialized(self, payloads: Sequence[bytes]) -> None:
+        """One bucket already serialised by each feeding rank, one payload per engine TP rank."""
+        self.engine.update_weights_from_serialized(list(payloads), flush_cache=False, timeout_s=self.timeout_s)
+
     def finish(self) -> None:
         self.engine.end_weight_update(timeout_s=self.timeout_s)
         self.engine.flush_cache(timeout_s=self.timeout_s)

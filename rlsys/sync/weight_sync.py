@@ -21,21 +21,22 @@ Choices:
   owning stage, HF names and layouts from ``rlsys.models.weight_mapping``), the same mapping
   ``rlsys convert`` uses. Tensors are consumed as they arrive and may alias live parameters; a
   transport is done with a bucket when ``send`` returns.
-- Who does what. The sync source is global rank 0 of the default process group (under
-  megatron's rank order: DP replica 0, TP rank 0, PP stage 0); it alone talks to the engine.
-  The ranks of the source's model-parallel group (TP x PP of DP/CP replica 0) gather: every
-  one of them takes part in the TP gathers and PP broadcasts, and converts and buckets the
-  same stream, so all cut buckets at the same places. Ranks other than the source bucket
-  ``meta`` tensors (sizes only, no memory). Other DP/CP replicas hold the same weights and skip
-  the gather.
-- Failures reach every rank, and nothing hangs. After ``begin`` and after each bucket, the
-  gathering ranks all-reduce one flag "the source failed" and stop together at that bucket
-  boundary (no rank is left inside a collective). At the end the source broadcasts the outcome
-  to all ranks, and every rank raises ``WeightSyncError`` if it failed. Engine calls and waits
-  time out in the transport (``SyncConfig.timeout_s``); the actor's process groups must have a
-  longer timeout than that, since the other ranks wait in a collective while the source waits
-  for the engine. An exception on a non-source rank (a bug, not an engine fault) propagates
-  there as in any SPMD program.
+- Who does what. Each rank takes part as an ``EngineFeed`` says (the routes come from
+  ``rlsys.cluster.routes``): the *lead* of an engine holds its transport and calls the engine;
+  in a colocated engine with TP > 1 the engine's other feeding ranks serialise the same bucket
+  on their own GPU and the lead gathers those payloads, one per engine TP rank, over the feed's
+  process group before it sends them in one call. Without a feed, a rank that passes a
+  ``transport`` is the lead of a one-rank feed. Every rank of every DP replica takes part in
+  its replica's TP gathers and PP broadcasts and buckets the same stream, so all ranks cut
+  buckets at the same places; ranks that feed nothing bucket ``meta`` tensors (sizes only, no
+  memory).
+- Failures reach every rank, and nothing hangs. After ``begin`` and after each bucket, all ranks
+  all-reduce one flag "a lead failed" and stop together at that bucket boundary (no rank is
+  left inside a collective). At the end every lead's outcome goes to all ranks, and every rank
+  raises ``WeightSyncError`` if any failed. Engine calls and waits time out in the transport
+  (``SyncConfig.timeout_s``); the actor's process groups must have a longer timeout than that,
+  since the other ranks wait in a collective while a lead waits for its engine. An exception on
+  a rank that is not a lead (a bug, not an engine fault) propagates there as in any SPMD program.
 - No overlap of gathering and sending: a bucket is sent before the next is gathered, which is
   what keeps one bucket in memory.
 - Pass the bare ``GPTModel`` (not a DDP or Float16Module wrapper): the producer reads its
@@ -51,7 +52,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
 from rlsys.config import SyncConfig
@@ -97,14 +97,32 @@ class SyncReport:
 
 
 def is_sync_source() -> bool:
-    """Whether this rank talks to the engine (global rank 0; see the top)."""
+    """Whether this rank is the source of a single-engine sync without routes (global rank 0)."""
     return dist.get_rank() == SYNC_SOURCE_RANK
 
 
+@dataclass
+class EngineFeed:
+    """This rank's part in feeding one engine (see the top)."""
+
+    transport: WeightTransport | None = None
+    """The engine's transport, on the lead only."""
+    group: Any = None
+    """Process group of the engine's feeding ranks, when there are several (colocated, engine TP > 1);
+    its rank order is the engine's TP rank order."""
+    lead_rank: int = 0
+    """Global rank of the lead (the gather's destination)."""
+
+    @property
+    def is_lead(self) -> bool:
+        return self.transport is not None
+
+
 def make_transport(config: SyncConfig, engine: Any, *, weights_device: torch.device,
-                   transport: str | None = None) -> WeightTransport:
-    """The transport ``transport`` (default: the configured one) to ``engine``; build it on the sync
-    source only. The runner resolves ``sync.transport=auto`` from the placement before calling this."""
+                   transport: str | None = None, master_address: str | None = None) -> WeightTransport:
+    """The transport ``transport`` (default: the configured one) to ``engine``; build it on the
+    engine's lead only. The runner resolves ``sync.transport=auto`` from the placement, and
+    ``sync.master_address=auto`` to the lead's node IP (``master_address``), before calling this."""
     name = transport or config.transport
     if name not in TRANSPORTS:
         raise ValueError(f"sync.transport: one of {TRANSPORTS} here, got {name!r}")
@@ -115,7 +133,10 @@ def make_transport(config: SyncConfig, engine: Any, *, weights_device: torch.dev
     backend = config.backend
     if backend == "auto":
         backend = "nccl" if weights_device.type == "cuda" else "gloo"
-    return DisaggregatedTransport(engine, backend=backend, master_address=config.master_address,
+    address = master_address or config.master_address
+    if address == "auto":
+        address = "127.0.0.1"  # no route named the node: engine and source share this host
+    return DisaggregatedTransport(engine, backend=backend, master_address=address,
                                   master_port=config.master_port, group_name=config.group_name,
                                   timeout_s=config.timeout_s)
 
@@ -126,24 +147,28 @@ def iter_sync_buckets(model: GPTModel, hf_config: Any, bucket_bytes: int,
     return iter_buckets(iter_hf_weights(model, hf_config), bucket_bytes, stats)
 
 
-def sync_weights(model: GPTModel, hf_config: Any, transport: WeightTransport | None, *,
-                 bucket_bytes: int = int(DEFAULT_BUCKET_MB * MIB)) -> SyncReport:
-    """Send the actor's weights to the engine behind ``transport`` (collective over all ranks).
+def sync_weights(model: GPTModel, hf_config: Any, transport: WeightTransport | None = None, *,
+                 feed: EngineFeed | None = None, bucket_bytes: int = int(DEFAULT_BUCKET_MB * MIB)) -> SyncReport:
+    """Send the actor's weights to the engines (collective over all ranks).
 
-    Raises ``WeightSyncError`` on every rank if the sync failed (see the top for what happens).
+    Pass either ``transport`` (the lead of a one-rank feed) or this rank's ``feed``; ranks that
+    feed nothing pass neither. Raises ``WeightSyncError`` on every rank if any engine's sync
+    failed (see the top for what happens).
     """
-    source = is_sync_source()
-    if source:
-        if transport is None:
-            raise ValueError("the sync source (global rank 0) needs a transport")
-        _check_source_coordinates()
+    if feed is None and transport is not None:
+        feed = EngineFeed(transport, lead_rank=dist.get_rank())
     started = time.perf_counter()
     stats = BucketStats()
-    failure: tuple[str, BaseException] | None = None
-    if parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0:
-        failure = _gather_and_send(model, hf_config, transport if source else None, bucket_bytes, stats)
+    failure = _gather_and_send(model, hf_config, feed, bucket_bytes, stats)
+    lead = feed is not None and feed.is_lead
+    mine = (failure[0] if failure else None, feed.transport.name if lead else None, time.perf_counter() - started)
+    outcomes: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(outcomes, mine)
+    names = [name for _, name, _ in outcomes if name is not None]
+    if not names:
+        raise WeightSyncError("weight sync: no rank holds a transport to an engine")
     report = SyncReport(
-        transport=transport.name if transport is not None else "",
+        transport=names[0] if len(names) == 1 else f"{len(names)} engines ({'; '.join(names)})",
         bucket_bytes=bucket_bytes,
         num_tensors=stats.num_tensors,
         num_buckets=stats.num_buckets,
@@ -151,32 +176,34 @@ def sync_weights(model: GPTModel, hf_config: Any, transport: WeightTransport | N
         largest_tensor_bytes=stats.largest_tensor_bytes,
         max_bucket_bytes=stats.max_bucket_bytes,
         oversized_tensors=stats.oversized_tensors,
-        seconds=time.perf_counter() - started,
+        seconds=max(seconds for _, _, seconds in outcomes),
     )
-    outcome: list[Any] = [failure[0] if failure else None, report]
-    dist.broadcast_object_list(outcome, src=SYNC_SOURCE_RANK)
-    message, report = outcome
-    if message is not None:
+    failed = [(rank, message) for rank, (message, _, _) in enumerate(outcomes) if message is not None]
+    if failed:
         if failure is not None:
-            raise WeightSyncError(message) from failure[1]
-        raise WeightSyncError(f"weight sync failed on the sync source (global rank {SYNC_SOURCE_RANK}): {message}")
+            raise WeightSyncError(failure[0]) from failure[1]
+        rank, message = failed[0]
+        raise WeightSyncError(f"weight sync failed on global rank {rank}: {message}")
     return report
 
 
-def _gather_and_send(model: GPTModel, hf_config: Any, transport: WeightTransport | None, bucket_bytes: int,
+def _gather_and_send(model: GPTModel, hf_config: Any, feed: EngineFeed | None, bucket_bytes: int,
                      stats: BucketStats) -> tuple[str, BaseException] | None:
-    """The gathering ranks' part; returns the source's failure (phase message, exception) or None."""
-    group = parallel_state.get_model_parallel_group()
+    """Every rank's part; returns this lead's failure (phase message, exception) or None."""
     device = next(model.parameters()).device
+    transport = feed.transport if feed is not None else None
     failure = _attempt(transport, "begin", lambda t: t.begin())
-    if not _any_rank_failed(failure is not None, group, device):
-        stream = iter_hf_weights(model, hf_config) if transport is not None else _sizes_only(model, hf_config)
+    if not _any_rank_failed(failure is not None, device):
+        stream = iter_hf_weights(model, hf_config) if feed is not None else _sizes_only(model, hf_config)
         for index, bucket in enumerate(iter_buckets(stream, bucket_bytes, stats)):
             phase = f"bucket {index} ({len(bucket)} tensors, {sum(tensor_bytes(t) for _, t in bucket) / MIB:.1f} MiB)"
-            failure = _attempt(transport, phase, lambda t: t.send(bucket))
-            # Drop the bucket before the next one is gathered: the memory bound depends on it.
+            if feed is not None:
+                failure = _feed(feed, bucket, phase)
+            failed = _any_rank_failed(failure is not None, device)
+            # Drop the bucket before the next one is gathered: the memory bound depends on it. (Only
+            # now: the lead's engine may read a follower's tensors until the lead's send returned.)
             del bucket
-            if _any_rank_failed(failure is not None, group, device):
+            if failed:
                 break
     if transport is not None:
         if failure is None:
@@ -184,6 +211,17 @@ def _gather_and_send(model: GPTModel, hf_config: Any, transport: WeightTransport
         # Also after a failed begin: a begin that timed out may still open the session later.
         transport.abort()
     return failure
+
+
+def _feed(feed: EngineFeed, bucket: NamedTensors, phase: str) -> tuple[str, BaseException] | None:
+    """One bucket into the engine: sent by the lead alone, or gathered from every feeding rank first."""
+    if feed.group is None:
+        return _attempt(feed.transport, phase, lambda t: t.send(bucket))
+    from rlsys.rollout.sglang_engine import serialize_named_tensors
+
+    payloads: list[Any] | None = [None] * dist.get_world_size(feed.group) if feed.is_lead else None
+    dist.gather_object(serialize_named_tensors(bucket), payloads, dst=feed.lead_rank, group=feed.group)
+    return _attempt(feed.transport, phase, lambda t: t.send_serialized(payloads))
 
 
 def _sizes_only(model: GPTModel, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
@@ -204,20 +242,7 @@ def _attempt(transport: WeightTransport | None, phase: str,
     return None
 
 
-def _any_rank_failed(failed_here: bool, group: Any, device: torch.device) -> bool:
+def _any_rank_failed(failed_here: bool, device: torch.device) -> bool:
     flag = torch.tensor([1 if failed_here else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
-
-
-def _check_source_coordinates() -> None:
-    coordinates = (
-        parallel_state.get_tensor_model_parallel_rank(),
-        parallel_state.get_pipeline_model_parallel_rank(),
-        parallel_state.get_data_parallel_rank(with_context_parallel=True),
-    )
-    if coordinates != (0, 0, 0):
-        raise RuntimeError(
-            f"global rank {SYNC_SOURCE_RANK} must be TP rank 0, PP stage 0 of DP replica 0 to be the sync "
-            f"source; it is (tp, pp, dp) = {coordinates}: use megatron's default rank order"
-        )
