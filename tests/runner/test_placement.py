@@ -15,17 +15,23 @@ def _run(*overrides: str):
 
 def test_colocated_engines_share_the_actor_bundles():
     layout = Layout.of(_run("cluster.devices_per_node=4", "actor.tp=2", "rollout.tp=2"))
-    assert (layout.actor_ranks, layout.num_engines, layout.total_bundles) == (4, 2, 4)
-    assert layout.actor_bundles == (0, 1, 2, 3) and layout.engine_bundles == (0, 2)
-    assert layout.share == 0.5
+    assert (layout.actor_ranks, layout.num_engines, layout.total_devices) == (4, 2, 4)
+    assert layout.actor_devices == (0, 1, 2, 3) and [layout.engine_devices(e) for e in range(2)] == [(0, 1), (2, 3)]
+    assert layout.share == 0.5 and layout.worker_resources() == {"num_cpus": 0.5}
 
 
 def test_disaggregated_engines_get_bundles_of_their_own():
     layout = Layout.of(_run("cluster.placement=disaggregated", "cluster.devices_per_node=8",
                             "cluster.rollout_devices=4", "actor.tp=2", "rollout.tp=2"))
-    assert (layout.actor_ranks, layout.num_engines, layout.total_bundles) == (4, 2, 8)
-    assert layout.actor_bundles == (0, 1, 2, 3) and layout.engine_bundles == (4, 6)
+    assert (layout.actor_ranks, layout.num_engines, layout.total_devices) == (4, 2, 8)
+    assert layout.actor_devices == (0, 1, 2, 3) and [layout.engine_devices(e) for e in range(2)] == [(4, 5), (6, 7)]
     assert layout.share == 1.0
+
+
+def test_colocated_gpu_workers_ask_for_half_of_every_resource_of_their_bundle():
+    layout = Layout.of(load_config("qwen2.5-1.5b-grpo-megatron"))
+    assert layout.bundle == {"GPU": 1.0, "CPU": 1.0}
+    assert layout.worker_resources() == {"num_cpus": 0.5, "num_gpus": 0.5}
 
 
 def test_check_resources_names_what_is_missing():

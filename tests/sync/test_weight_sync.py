@@ -330,7 +330,7 @@ def test_engine_that_never_joins_the_broadcast_fails_fast(sync_report: dict[str,
     assert "disaggregated transport" in message and "sglang engine" in message and "at bucket 0" in message
     assert "engine receiving failed" in message or "broadcast from the source failed" in message
     assert sync_report["rank0/fault/lost_group/seconds"] < 30
-    assert "failed on the sync source" in sync_report["rank1/fault/lost_group"]
+    assert "failed on global rank 0" in sync_report["rank1/fault/lost_group"]
     assert sync_report["rank0/fault/lost_group/engine_healthy"]
 
 
