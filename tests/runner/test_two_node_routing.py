@@ -2,7 +2,9 @@
 cannot cross nodes, and one rank feeding every engine serialises the sync), or an engine that was
 fed by the wrong rank silently generates with stale weights. Runs the real loop on two simulated
 Ray nodes (``ray.cluster_utils.Cluster``), each holding one real SGLang engine colocated with one
-real Megatron rank (DP 2), for two steps."""
+real Megatron rank (DP 2), for two steps, with ``actor.offload`` as the GPU recipes set it (the
+actor's state leaves the device after each sync and comes back for training: a reload that lost a
+byte would show in the step-2 log-prob mismatch)."""
 
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ def test_each_engine_is_fed_by_the_rank_on_its_own_node(two_nodes, tiny_model_di
     run = load_config("smollm2-135m-grpo-cpu", loop_overrides(
         tiny_model_dir, prompt_files, tmp_path / "run",
         **{"cluster.num_nodes": 2, "cluster.devices_per_node": 1, "cluster.ray_address": "auto",
-           "rollout.engine": "sglang", "runner.val_interval": 0}))
+           "rollout.engine": "sglang", "runner.val_interval": 0, "actor.offload": True}))
     trainer = GRPOTrainer(run)
     try:
         cluster = trainer.cluster
