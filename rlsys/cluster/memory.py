@@ -25,7 +25,7 @@ Actor state (megatron, as ``rlsys.actor.build`` configures it)
   when the embeddings are not tied. The final norm is counted; the rotary cache is not (no
   parameters).
 - Weights at the training precision (``actor.precision``; 'auto' is fp32 on ``cluster.device=cpu``
-  and bf16 otherwise; an older ``actor.params_dtype`` is mapped when ``precision`` is absent):
+  and bf16 otherwise):
   4 bytes fp32, 2 bytes bf16/fp16.
 - Gradients: megatron DDP's grad buffer, full size on every DP rank (the DistributedOptimizer
   reduce-scatters INTO it; it does not shrink it), in fp32 because ``rlsys.actor.build`` sets
@@ -54,8 +54,7 @@ Activations (``actor.max_tokens_per_microbatch`` tokens, T, of one microbatch)
   MHA, a 4h GeLU MLP and dropout this count is the paper's 34*s*b*h bytes; for Qwen2.5-7B it is
   ~44*s*b*h. The logsumexp (a/t fp32 values per token) and the final norm's two h-wide tensors
   are left out (<1%).
-- Recompute (``recompute_granularity`` / ``recompute_method`` / ``recompute_num_layers``; an
-  older boolean ``activation_recompute`` means full, uniform, 1 layer): 'full' keeps only a
+- Recompute (``recompute_granularity`` / ``recompute_method`` / ``recompute_num_layers``): 'full' keeps only a
   recomputed unit's input (T*h/t with SP, T*h without, p bytes). 'block' recomputes the first N
   layers of each stage and keeps the rest in full; 'uniform' recomputes all layers in chunks of
   N and keeps one input per chunk. 'selective' recomputes megatron's core attention, which with
@@ -132,10 +131,6 @@ LOGIT_COPIES_ENTROPY_GRAD = 5
 PHASES = ("rollout", "training")
 
 _PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-_PARAMS_DTYPE_TO_PRECISION = {
-    "float32": "fp32", "fp32": "fp32", "bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16",
-    "auto": "auto",
-}
 _ENGINE_DTYPE_BYTES = {"auto": 2, "bfloat16": 2, "float16": 2, "float32": 4}
 _KNOWN_SHAPE_PREFIX = "known shape "
 """How ``rlsys.models.shapes`` names a shipped shape's source (used to read its extra fields)."""
@@ -199,7 +194,7 @@ def estimate_memory(run: RunConfig, shape: ModelShape | ModelDims | None = None)
         "logits": logit_bytes(dims, run) / GIB,
     }
     if cluster.placement == "colocated":
-        resident = {k: (0.0 if getattr(actor, "offload", False) else v) for k, v in state.items()}
+        resident = {k: (0.0 if actor.offload else v) for k, v in state.items()}
         phases = {
             "rollout": {**engine, **resident, "cuda_context": 2 * CUDA_CONTEXT_GIB},
             "training": {**state, **training_extra, "engine_released": ENGINE_RELEASED_GIB,
@@ -315,9 +310,7 @@ def _kv_width(dims: ModelDims, tp: int) -> int:
 
 
 def _precision(run: RunConfig) -> str:
-    precision = getattr(run.actor, "precision", None)
-    if precision is None:
-        precision = _PARAMS_DTYPE_TO_PRECISION[str(getattr(run.actor, "params_dtype", "auto"))]
+    precision = run.actor.precision
     if precision == "auto":
         precision = "fp32" if run.cluster.device == "cpu" else "bf16"
     return precision
@@ -336,11 +329,7 @@ def _actor_state_gib(dims: ModelDims, run: RunConfig, precision: str, dp: int) -
 
 
 def _recompute(actor: Any) -> tuple[str | None, str, int]:
-    granularity = getattr(actor, "recompute_granularity", None)
-    if granularity is None and getattr(actor, "activation_recompute", False):
-        return "full", "uniform", 1
-    method = getattr(actor, "recompute_method", None) or "uniform"
-    return granularity, method, getattr(actor, "recompute_num_layers", None) or 1
+    return actor.recompute_granularity, actor.recompute_method or "uniform", actor.recompute_num_layers or 1
 
 
 def layer_activation_elements(dims: ModelDims, tp: int, sequence_parallel: bool) -> int:
@@ -356,7 +345,7 @@ def activation_bytes(dims: ModelDims, run: RunConfig, precision: str | None = No
     actor = run.actor
     p = _PRECISION_BYTES[precision or _precision(run)]
     tokens = actor.max_tokens_per_microbatch
-    sp = bool(getattr(actor, "sequence_parallel", False))
+    sp = actor.sequence_parallel
     layer = tokens * layer_activation_elements(dims, actor.tp, sp) * p
     unit_input = tokens * (dims.hidden_size // actor.tp if sp else dims.hidden_size) * p
     layers = dims.num_layers // actor.pp

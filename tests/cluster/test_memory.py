@@ -203,17 +203,11 @@ def test_pipeline_stage_holds_pp_microbatches():
     assert est.phases["training"]["actor_optimizer"] == pytest.approx(gib(params * 12))
 
 
-def test_older_config_fields():
-    # A boolean activation_recompute (before recompute_granularity): full, uniform, one layer.
-    run = make_run()
-    run.actor.activation_recompute = True
-    assert estimate_memory(run, SHAPE).phases["training"]["activations"] == pytest.approx(
-        gib(4 * LAYER_INPUT_BYTES + LAYER_BYTES))
-    # params_dtype instead of precision.
-    old = SimpleNamespace(actor=SimpleNamespace(params_dtype="bfloat16"), cluster=SimpleNamespace(device="cuda"))
-    assert memory._precision(old) == "bf16"
+def test_auto_precision_is_the_devices():
     auto = SimpleNamespace(actor=SimpleNamespace(precision="auto"), cluster=SimpleNamespace(device="cpu"))
     assert memory._precision(auto) == "fp32"
+    auto.cluster.device = "cuda"
+    assert memory._precision(auto) == "bf16"
 
 
 def test_entropy_gradient_keeps_a_fifth_logit_copy():
