@@ -45,8 +45,16 @@ class ActorGroup:
         self.offload_enabled = offload
 
     def call(self, method: str, *args: Any) -> Any:
+        """Rank 0's result. A rank that fails or dies raises at once: the other ranks may be waiting
+        for it in a collective, which would otherwise end only at the process group's timeout."""
         refs = [ray.put(arg) if not isinstance(arg, ray.ObjectRef) else arg for arg in args]
-        return ray.get([getattr(w, method).remote(*refs) for w in self.workers])[0]
+        results = [getattr(w, method).remote(*refs) for w in self.workers]
+        pending = list(results)
+        while pending:
+            # No overall limit: a train step may take hours; a hung collective ends at the group's timeout.
+            done, pending = ray.wait(pending, num_returns=1, timeout=None)
+            ray.get(done[0], timeout=60)  # raises the rank's error (or its death) now
+        return ray.get(results[0], timeout=60)
 
     def compute_logprobs(self, batch: Any) -> list[Any]:
         return self.call("compute_logprobs", batch)

@@ -1,8 +1,9 @@
-"""Risk: a recipe-sized batch (512 prompts x 32 samples of up to 27k tokens) goes to the engines as
+"""The driver's worker groups. Risks: an actor rank that failed is noticed only when the ranks
+waiting for it in a collective time out (half an hour later); and a recipe-sized batch (512 prompts x 32 samples of up to 27k tokens) goes to the engines as
 one call under one timeout: no bound on requests in flight, and a slow but healthy rollout is
 killed by a timeout sized for the whole batch, while a hung engine is found only after it. The
-engines here stand in for SGLang to observe each call and to cause the hang, a fault a real CPU
-engine cannot be made to have on cue."""
+engines and ranks here stand in for SGLang and Megatron to observe each call and to cause the
+hang and the failure, faults the real ones cannot be made to have on cue."""
 
 from __future__ import annotations
 
@@ -71,3 +72,26 @@ def test_a_hung_engine_fails_the_rollout_after_the_progress_timeout_naming_it():
         group.generate([[i] for i in range(6)], SamplingParams(n=1, seed=1))
     assert time.monotonic() - started < 20
     ray.kill(engines[1])
+
+
+@ray.remote(num_cpus=0)
+class Rank:
+    def __init__(self, fails: bool) -> None:
+        self.fails = fails
+
+    def train_step(self, batch):
+        if self.fails:
+            raise RuntimeError("rank 1 lost its GPU")
+        time.sleep(3600)  # as a rank waiting for the failed one in a collective
+
+
+def test_a_failing_actor_rank_ends_the_call_at_once_while_others_wait_for_it():
+    from rlsys.cluster.groups import ActorGroup
+
+    ranks = [Rank.remote(False), Rank.remote(True)]
+    started = time.monotonic()
+    with pytest.raises(ray.exceptions.RayTaskError, match="rank 1 lost its GPU"):
+        ActorGroup(ranks).train_step({"tokens": [1, 2, 3]})
+    assert time.monotonic() - started < 30
+    for rank in ranks:
+        ray.kill(rank)
