@@ -1,7 +1,8 @@
 """The driver's worker groups. Risks: an actor rank that failed is noticed only when the ranks
-waiting for it in a collective time out (half an hour later); and a recipe-sized batch (512 prompts x 32 samples of up to 27k tokens) goes to the engines as
-one call under one timeout: no bound on requests in flight, and a slow but healthy rollout is
-killed by a timeout sized for the whole batch, while a hung engine is found only after it. The
+waiting for it in a collective time out (half an hour later); and a recipe-sized batch (512
+prompts x 32 samples of up to 27k tokens) goes to the engines as one call under one timeout: no
+bound on requests in flight, and a slow but healthy rollout is killed by a timeout sized for the
+whole batch, while a hung engine is found only after it. The
 engines and ranks here stand in for SGLang and Megatron to observe each call and to cause the
 hang and the failure, faults the real ones cannot be made to have on cue."""
 
