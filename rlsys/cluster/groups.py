@@ -152,9 +152,8 @@ class Cluster:
     routes: list[EngineRoute]
     actor: ActorGroup
     rollout: RolloutGroup
-    sync_transport: str
-    placed: dict[str, Any]
-    """What the workers reported: ``actor_ranks`` (node, GPU, coordinates, master) and ``roles``."""
+    actor_ranks: list[dict[str, Any]]
+    """What each actor rank reported at setup: node, GPU, (tp, pp, dp) coordinates, master address."""
     _group: Any
     _actors: list[Any]
     _engines: list[Any]
@@ -188,7 +187,7 @@ class Cluster:
             transport = resolve_transport(run)
             routes = sync_routes(layout, devices, transport, run.sync.master_address)
             handles = [(e, name, args) for e, (name, args) in zip(engines, described)]
-            roles = _wait([a.connect_engines.remote(routes, handles) for a in actors], timeout,
+            _wait([a.connect_engines.remote(routes, handles) for a in actors], timeout,
                           [f"actor rank {r} connecting to its engines" for r in range(len(actors))])
         except BaseException:
             for handle in actors + engines:
@@ -197,8 +196,7 @@ class Cluster:
             raise
         release = layout.placement == "colocated" and layout.device == "cuda"
         rollout = RolloutGroup(engines, release, run.rollout.max_running_requests, run.rollout.timeout_s)
-        placed = {"actor_ranks": ranks, "roles": roles}
-        return cls(layout, devices, routes, ActorGroup(actors, run.actor.offload), rollout, transport, placed,
+        return cls(layout, devices, routes, ActorGroup(actors, run.actor.offload), rollout, ranks,
                    group, actors, engines)
 
     def engine_status(self) -> list[dict[str, Any]]:

@@ -74,7 +74,7 @@ def simulated_plan(run: RunConfig) -> dict[str, Any]:
         simulated.shutdown()
     ranks = [{"rank": r["rank"], "node": r["node_rank"], "gpu": r["gpu"], "tp_rank": r["tp_rank"],
               "pp_rank": r["pp_rank"], "dp_rank": r["dp_rank"], "master": r["master"]}
-             for r in cluster.placed["actor_ranks"]]
+             for r in cluster.actor_ranks]
     called_by = [[sender["rank"] for sender in engine["weights_from"]] for engine in engines]
     return _assemble(run, cluster.layout, ranks, cluster.routes, called_by)
 

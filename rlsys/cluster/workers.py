@@ -199,7 +199,6 @@ class ActorWorker:
         self.actor: Any = None
         self.feed: Any = None
         self.dry_proxies: list[EngineProxy] = []
-        self.role: dict[str, Any] = {}
 
     def address(self) -> tuple[str, int]:
         """Where rank 0 hosts the process group's store (called on rank 0 before any setup)."""
@@ -249,21 +248,19 @@ class ActorWorker:
     def _group_timeout_s(self) -> float:
         return max(1800.0, 2 * self.run.sync.timeout_s, 2 * self.run.rollout.timeout_s)
 
-    def connect_engines(self, routes: list[Any], engines: list[tuple[Any, str, dict[str, Any]]]) -> dict[str, Any]:
+    def connect_engines(self, routes: list[Any], engines: list[tuple[Any, str, dict[str, Any]]]) -> None:
         """Build this rank's part of every route (``rlsys.cluster.routes.EngineRoute``): the transports
         of the engines it leads, and the process group of a colocated engine it feeds with others
-        (created on every rank, as torch requires). Returns this rank's role."""
+        (created on every rank, as torch requires)."""
         import dataclasses
 
         fed = [route for route in routes if self.rank in route.sources]
-        self.role = {"rank": self.rank, "leads": [r.engine for r in fed if r.lead == self.rank],
-                     "feeds": [r.engine for r in fed]}
         sender = {"rank": self.rank, "node_id": ray.get_runtime_context().get_node_id()}
         proxies = {route.engine: EngineProxy(*engines[route.engine], self.run.sync.timeout_s, sender)
                    for route in fed if route.lead == self.rank}
         if self.dry_run:
             self.dry_proxies = list(proxies.values())
-            return self.role
+            return
         from datetime import timedelta
 
         import torch.distributed as dist
@@ -288,7 +285,7 @@ class ActorWorker:
             transports.append(make_transport(config, proxy, weights_device=self.actor.layout.device,
                                              transport=route.transport, master_address=route.master_address))
         if len(fed) > 1 and any(r.engine in groups for r in fed):
-            raise RuntimeError(f"actor rank {self.rank} feeds engines {self.role['feeds']}, one of them with other "
+            raise RuntimeError(f"actor rank {self.rank} feeds engines {[r.engine for r in fed]}, one of them with other "
                                "ranks; a colocated rank feeds exactly one engine")
         if fed:
             lead = fed[0].lead
@@ -296,7 +293,6 @@ class ActorWorker:
             if transports:
                 transport = transports[0] if len(transports) == 1 else FanOutTransport(transports)
             self.feed = EngineFeed(transport, groups.get(fed[0].engine), lead)
-        return self.role
 
     def offload(self) -> None:
         if not self.dry_run:

@@ -56,7 +56,7 @@ def test_the_shipped_gpu_configs_are_the_ones_the_issue_names():
 def test_every_gpu_config_places_on_its_cluster_shape(simulated_cluster, name):
     run, cluster, engines, seconds = _place(name)
     assert seconds < 60, f"placing {name} took {seconds:.0f}s"
-    layout, ranks = cluster.layout, cluster.placed["actor_ranks"]
+    layout, ranks = cluster.layout, cluster.actor_ranks
     tp, dp = run.actor.tp, layout.actor_ranks // (run.actor.tp * run.actor.pp)
 
     # Every actor rank at a distinct (node, GPU), and it is the GPU Ray gave the worker.
@@ -87,7 +87,7 @@ def test_every_gpu_config_places_on_its_cluster_shape(simulated_cluster, name):
 
 def test_the_7b_recipe_uses_all_four_nodes_with_tp4_actor_and_tp2_engines(simulated_cluster):
     _, cluster, engines, _ = _place("qwen2.5-7b-grpo-megatron")
-    ranks = cluster.placed["actor_ranks"]
+    ranks = cluster.actor_ranks
     assert len(ranks) == 32 and {r["tp_rank"] for r in ranks} == {0, 1, 2, 3}
     assert len({r["node_id"] for r in ranks}) == NODES
     assert len(engines) == 16 and all(len(e["devices"]) == 2 for e in engines)
@@ -101,7 +101,7 @@ def test_colocated_workers_share_a_bundle_without_hanging(simulated_cluster):
                                           "cluster.devices_per_node=2", "actor.tp=1", "actor.sequence_parallel=false",
                                           "actor.n_minibatches=1",
                                           "cluster.start_timeout_s=60")
-    assert len(engines) == 2 and len(cluster.placed["actor_ranks"]) == 2 and seconds < 60
+    assert len(engines) == 2 and len(cluster.actor_ranks) == 2 and seconds < 60
 
 
 def test_a_cluster_too_small_fails_at_once_naming_the_fields(simulated_cluster):

@@ -39,7 +39,7 @@ def test_each_engine_is_fed_by_the_rank_on_its_own_node(two_nodes, tiny_model_di
     trainer = GRPOTrainer(run)
     try:
         cluster = trainer.cluster
-        nodes = {r["rank"]: r["node_id"] for r in cluster.placed["actor_ranks"]}
+        nodes = {r["rank"]: r["node_id"] for r in cluster.actor_ranks}
         assert len(set(nodes.values())) == 2
         history = [trainer.train_step(step) for step in (1, 2)]
         engines = cluster.engine_status()
