@@ -402,6 +402,25 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------- parent: run, measure, report
 
 
+def process_role(process: Any) -> str:
+    """A short name for a process of the tree: Ray's worker title, sglang's process title, or the command."""
+    import psutil
+
+    try:
+        command = process.cmdline()
+        name = process.name()
+    except psutil.Error:
+        return "?"
+    title = " ".join(command) if command else name
+    for marker in ("ray::", "sglang::"):
+        if marker in title:
+            return title[title.index(marker):].split()[0][:60]
+    if command and "python" in command[0]:
+        script = next((part for part in command[1:] if not part.startswith("-")), "")
+        return f"python {Path(script).name or '-c'}"[:60]
+    return name[:60]
+
+
 class TreeMemorySampler:
     """Peaks of the summed RSS and PSS of a process and all its descendants, sampled in a thread.
 
@@ -425,6 +444,8 @@ class TreeMemorySampler:
         self.peak_processes = 0
         self.peak_breakdown: list[tuple[str, int]] = []
         """The largest processes at the RSS peak: (name, RSS bytes)."""
+        self.peak_pss_breakdown: list[tuple[str, int]] = []
+        """Every process at the PSS peak: (role, PSS bytes), largest first."""
 
     def _sample(self) -> None:
         import psutil
@@ -436,11 +457,14 @@ class TreeMemorySampler:
         with_pss = self._samples % self._pss_every == 0
         self._samples += 1
         rss = pss = 0
-        per_process = []
+        per_process, per_process_pss = [], []
         for process in processes:
             try:
                 per_process.append((process, process.memory_info().rss))
-                pss += process.memory_full_info().pss if with_pss else 0
+                if with_pss:
+                    process_pss = process.memory_full_info().pss
+                    pss += process_pss
+                    per_process_pss.append((process_role(process), process_pss))
             except psutil.Error:  # exited between listing and reading
                 continue
         rss = sum(size for _, size in per_process)
@@ -452,7 +476,9 @@ class TreeMemorySampler:
                     self.peak_breakdown.append((process.name(), size))
                 except psutil.Error:
                     continue
-        self.peak_pss_bytes = max(self.peak_pss_bytes, pss)
+        if pss > self.peak_pss_bytes:
+            self.peak_pss_bytes = pss
+            self.peak_pss_breakdown = sorted(per_process_pss, key=lambda item: -item[1])
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -516,9 +542,12 @@ def run_worker(system: str, args: argparse.Namespace, match_seconds: float | Non
         raise SystemExit(f"[{system}] worker failed (exit {code}); last lines of {log_path}:\n" + "\n".join(tail))
     result = json.loads(out.read_text())
     result.update(peak_rss_bytes=memory.peak_bytes, peak_pss_bytes=memory.peak_pss_bytes,
-                  peak_processes=memory.peak_processes, peak_rss_largest=memory.peak_breakdown, process_wall_s=wall_s)
+                  peak_processes=memory.peak_processes, peak_rss_largest=memory.peak_breakdown,
+                  peak_pss_by_process=memory.peak_pss_breakdown, process_wall_s=wall_s)
     print(f"[{system}] done in {wall_s:.0f} s, peak RSS {memory.peak_bytes / 2**30:.2f} GiB "
           f"(PSS {memory.peak_pss_bytes / 2**30:.2f} GiB) over {memory.peak_processes} processes", flush=True)
+    for role, size in memory.peak_pss_breakdown:
+        print(f"[{system}]   PSS at the peak {size / 2**30:6.2f} GiB  {role}", flush=True)
     return result
 
 

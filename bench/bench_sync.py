@@ -11,7 +11,7 @@ Choices:
 - Baseline: ``clone()`` of every HF tensor of the same model (the bytes a sync delivers, already
   materialised), on the device that holds them. The ratio ``sync bytes/s / clone bytes/s`` says
   how far a sync is from the cheapest thing that produces a copy of the weights.
-- Targets: ``sglang`` (colocated transport: ``update_weights_from_tensor``, by value on CPU),
+- Targets: ``sglang`` (colocated transport: ``update_weights_from_tensor``, through shared memory on CPU),
   ``sglang-disaggregated`` (gloo/NCCL broadcast to the same engine), ``hf`` (in process,
   ``HFEngine.load_state_dict``), and ``megatron`` (the producer only: TP gather, PP broadcast, HF
   conversion and bucketing, buckets dropped at once). One warm-up sync per target, then the

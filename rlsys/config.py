@@ -209,6 +209,9 @@ class RolloutConfig:
     """Engine dtype: 'auto' (bfloat16 on GPU, float32 on CPU), 'bfloat16', 'float16', 'float32'."""
     mem_fraction_static: float | None = None
     """SGLang's static memory fraction (weights + KV cache) on GPU; None takes SGLang's default."""
+    max_total_tokens: int | None = None
+    """SGLang's KV-cache pool, in tokens. None: sized from mem_fraction_static on GPU, 32,768 tokens on CPU
+    (rlsys.platform.sglang_cpu). On CPU the pool is allocated up front and held for the whole run."""
     timeout_s: float = 1800.0
     """Progress limit of generation: the run fails when no request of an engine finished for this
     long (a batch as a whole may take longer); also the limit of every other engine call."""
@@ -227,8 +230,9 @@ class RolloutConfig:
         for name in ("tp", "n_samples", "max_new_tokens"):
             if getattr(self, name) < 1:
                 _fail(self.SECTION, name, f"must be >= 1, got {getattr(self, name)}")
-        if self.val_max_new_tokens is not None and self.val_max_new_tokens < 1:
-            _fail(self.SECTION, "val_max_new_tokens", f"must be >= 1, got {self.val_max_new_tokens}")
+        for name in ("val_max_new_tokens", "max_total_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                _fail(self.SECTION, name, f"must be >= 1, got {getattr(self, name)}")
         if self.temperature < 0:
             _fail(self.SECTION, "temperature", f"must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -415,14 +419,25 @@ class ActorConfig:
     use_distributed_optimizer: bool = True
     """Shard optimizer state over data-parallel ranks (megatron's DistributedOptimizer)."""
     recompute_old_logprobs: bool = True
-    """Recompute old log-probs with the actor before the update instead of using the rollout's."""
+    """Old log-probs are the actor's (true) or the rollout engine's (false)."""
+    old_logprobs_from_update: bool = True
+    """With recompute_old_logprobs and one minibatch, take the actor's old log-probs from the update's own
+    forward pass (detached; the weights have not moved since sampling, so the ratio is 1 by construction)
+    instead of a forward pass of their own. Same gradient, one pass less per step."""
+    logits_chunk_tokens: int = 1024
+    """Response positions per chunk of the output layer in log-prob and entropy passes: at most this many
+    rows of float32 logits (over this rank's vocabulary shard) exist at once."""
+    entropy_metric_stride: int = 1
+    """train/entropy_loss is measured on every k-th response token (1: all; 0: not measured, NaN). An entropy
+    loss term (algorithm.entropy_coef != 0) always uses every token."""
     max_consecutive_nonfinite: int = 3
     """Raise after this many optimizer steps in a row were skipped for a non-finite loss or grad norm."""
     save_optimizer: bool = True
     """Include optimizer and scheduler state in checkpoints (needed to resume exactly)."""
 
     def __post_init__(self) -> None:
-        for name in ("tp", "pp", "max_tokens_per_microbatch", "n_minibatches", "max_consecutive_nonfinite"):
+        for name in ("tp", "pp", "max_tokens_per_microbatch", "n_minibatches", "max_consecutive_nonfinite",
+                     "logits_chunk_tokens"):
             if getattr(self, name) < 1:
                 _fail(self.SECTION, name, f"must be >= 1, got {getattr(self, name)}")
         choices = {
@@ -435,6 +450,8 @@ class ActorConfig:
                 _fail(self.SECTION, name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         self._check_loss_scale()
         self._check_recompute()
+        if self.entropy_metric_stride < 0:
+            _fail(self.SECTION, "entropy_metric_stride", f"must be >= 0, got {self.entropy_metric_stride}")
         if self.sequence_parallel and self.tp == 1:
             _fail(self.SECTION, "sequence_parallel", "needs tp > 1")
         if self.lr <= 0:

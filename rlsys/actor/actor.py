@@ -62,6 +62,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -89,8 +90,8 @@ from rlsys.actor.microbatch import (
 )
 from rlsys.actor.offload import OffloadedStorage, offload_storages, reload_storages
 from rlsys.actor.parallel import ParallelLayout, destroy_parallel, initialize_parallel, runs_on_cpu
-from rlsys.actor.vocab_parallel import token_logprobs_and_entropy
-from rlsys.algorithms import importance_ratio_early_stop, policy_loss, zero_loss_if_skipped
+from rlsys.actor.vocab_parallel import scored_logprobs_and_entropy
+from rlsys.algorithms import importance_ratio_early_stop, policy_loss, sequence_logprob_mismatch, zero_loss_if_skipped
 from rlsys.config import ActorConfig, AlgorithmConfig
 from rlsys.models.architecture import architecture_of
 from rlsys.models.megatron_weights import iter_hf_weights, load_hf_into_megatron
@@ -102,6 +103,7 @@ _APPLIED, _OVERFLOW, _NONFINITE = "applied", "overflow", "nonfinite"
 _STATS = (
     "loss",
     "entropy_sum",
+    "entropy_tokens",
     "ratio_sum",
     "clip_sum",
     "approx_kl_sum",
@@ -110,6 +112,31 @@ _STATS = (
     "early_stopped",
     "nonfinite",
 )
+
+
+@contextmanager
+def _final_hidden_states(model: torch.nn.Module) -> Iterator[None]:
+    """The last stage returns its final (normed) hidden states instead of logits while inside.
+
+    megatron's ``GPTModel`` returns them when ``post_process`` is off; the output layer then runs
+    in ``rlsys.actor.vocab_parallel`` on the scored positions only, in chunks.
+    """
+    last_stage = model.post_process
+    model.post_process = False
+    try:
+        yield
+    finally:
+        model.post_process = last_stage
+
+
+def _every_kth(mask: Tensor, k: int) -> Tensor | None:
+    """Every ``k``-th True of ``mask`` in row-major order (None for k = 0: nothing)."""
+    if k == 0:
+        return None
+    if k == 1:
+        return mask
+    order = torch.cumsum(mask.flatten().long(), 0).reshape(mask.shape) - 1
+    return mask & (order % k == 0)
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -167,6 +194,8 @@ class MegatronActor:
         self._dp_group = parallel_state.get_data_parallel_group()
         self._pp_group = parallel_state.get_pipeline_model_parallel_group()
         self._offloaded: list[OffloadedStorage] | None = None
+        # (sequence index, log-probs) of the current update's own forward pass (old_logprobs_from_update).
+        self._update_logprobs: list[tuple[int, Tensor]] = []
 
     # ------------------------------------------------------------------ log-probs
 
@@ -176,9 +205,8 @@ class MegatronActor:
         microbatches = self._microbatches(batch, range(len(batch)))
 
         def collect(microbatch: Microbatch, output: Tensor, non_loss_data: bool = True) -> list[tuple]:
-            logprobs, entropy = token_logprobs_and_entropy(
-                output, microbatch.labels, self.vocab_size, with_entropy=with_entropy
-            )
+            scored = microbatch.response_mask
+            logprobs, entropy = self._scored(microbatch, output, scored, scored if with_entropy else None)
             values = microbatch.response_values(logprobs.float().cpu())
             entropies = microbatch.response_values(entropy.cpu()) if entropy is not None else None
             return [
@@ -197,15 +225,26 @@ class MegatronActor:
 
     # ------------------------------------------------------------------ training
 
-    def train_step(self, batch: RolloutBatch) -> dict[str, float]:
+    @property
+    def old_logprobs_from_update(self) -> bool:
+        """Whether a batch without old log-probs takes them from the update's own forward pass (module doc)."""
+        actor = self.actor
+        return actor.recompute_old_logprobs and actor.old_logprobs_from_update and actor.n_minibatches == 1
+
+    def train_step(self, batch: RolloutBatch, rollout_logprobs: list[Tensor] | None = None) -> dict[str, float]:
         """One rollout batch: ``n_minibatches`` optimizer steps of the GRPO policy loss.
+
+        Old log-probs: the batch's own; else the actor's (from the update itself when
+        ``old_logprobs_from_update``, else from a pass of their own) under
+        ``actor.recompute_old_logprobs``; else ``rollout_logprobs``, the engine's.
 
         Returns, equal on every rank: ``policy_loss`` (mean over the minibatches that ran, before
         early-stop zeroing), ``entropy`` / ``ratio`` / ``clip_fraction`` / ``approx_kl`` (token
         means over them), ``grad_norm`` (mean over applied steps, before clipping), ``lr`` (of the
         last step attempted), ``early_stopped``, ``skipped_nonfinite``, ``skipped_overflow``,
         ``optimizer_steps``, ``loss_scale`` (after the last step; 1 without a scaler),
-        ``valid_tokens`` and ``microbatches`` (this rank's count).
+        ``valid_tokens``, ``microbatches`` (this rank's count) and, given ``rollout_logprobs``,
+        ``logprob_mismatch`` between them and the old log-probs trained on.
         """
         if self.optimizer is None:
             raise RuntimeError("this actor was built with for_training=False")
@@ -215,8 +254,12 @@ class MegatronActor:
             raise ValueError("algorithm.kl_coef > 0 needs ref_logprobs in the batch")
         if batch.old_logprobs is None:
             if not self.actor.recompute_old_logprobs:
-                raise ValueError("actor.recompute_old_logprobs is off, so the batch must carry old_logprobs")
-            batch = batch.with_old_logprobs(self.compute_logprobs(batch).logprobs)
+                if rollout_logprobs is None:
+                    raise ValueError("actor.recompute_old_logprobs is off, so the batch must carry old_logprobs")
+                batch = batch.with_old_logprobs(rollout_logprobs)
+            elif not self.old_logprobs_from_update:
+                batch = batch.with_old_logprobs(self.compute_logprobs(batch).logprobs)
+        self._update_logprobs = []
 
         totals = torch.zeros(len(_STATS), dtype=torch.float64)
         losses, grad_norms = [], []
@@ -255,8 +298,15 @@ class MegatronActor:
                         "advantages and old log-probs of the batch, and the learning rate"
                     )
         self.train_steps += 1
+        old_logprobs = batch.old_logprobs
+        if old_logprobs is None:
+            local = self._update_logprobs if self.layout.is_last_stage else []
+            from_update = dict(self._gather_from_last_stages(local))
+            old_logprobs = [from_update.get(i, torch.zeros(0)) for i in range(len(batch))]
+        self._update_logprobs = []
 
         tokens = totals[_STATS.index("tokens")].item()
+        entropy_tokens = totals[_STATS.index("entropy_tokens")].item()
 
         def token_mean(name: str) -> float:
             return totals[_STATS.index(name)].item() / tokens if tokens else float("nan")
@@ -267,9 +317,11 @@ class MegatronActor:
             if self.algorithm.early_stop_granularity == "minibatch"
             else round(totals[_STATS.index("early_stopped")].item() / self.layout.dp)
         )
-        return {
+        mismatch = {} if rollout_logprobs is None else {
+            "logprob_mismatch": sequence_logprob_mismatch(rollout_logprobs, old_logprobs)}
+        return mismatch | {
             "policy_loss": sum(losses) / len(losses) if losses else float("nan"),
-            "entropy": token_mean("entropy_sum"),
+            "entropy": totals[_STATS.index("entropy_sum")].item() / entropy_tokens if entropy_tokens else float("nan"),
             "ratio": token_mean("ratio_sum"),
             "clip_fraction": token_mean("clip_sum"),
             "approx_kl": token_mean("approx_kl_sum"),
@@ -288,10 +340,12 @@ class MegatronActor:
         """Gradients of the whole batch's policy loss (one minibatch) in the DDP buffers, no optimizer step.
 
         For benchmarks and gradient checks; ``train_step`` is the training entry point. The batch
-        must carry advantages and old log-probs.
+        must carry advantages; without old log-probs it takes them from its own forward pass, as
+        ``train_step`` does under ``old_logprobs_from_update``.
         """
-        if self.wrapped is None or batch.advantages is None or batch.old_logprobs is None:
-            raise ValueError("forward_backward needs a training actor and a batch with advantages and old_logprobs")
+        if self.wrapped is None or batch.advantages is None:
+            raise ValueError("forward_backward needs a training actor and a batch with advantages")
+        self._update_logprobs = []
         microbatches = self._microbatches(batch, range(len(batch)))
         num_tokens, num_seqs = self._global_counts(microbatches)
         stats = self._forward_backward(microbatches, num_tokens, num_seqs)
@@ -327,16 +381,23 @@ class MegatronActor:
         num_microbatches: int,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         algorithm = self.algorithm
-        logprobs, entropy = token_logprobs_and_entropy(
-            output,
-            microbatch.labels,
-            self.vocab_size,
-            with_entropy=True,
-            entropy_requires_grad=algorithm.entropy_coef != 0,
-        )
+        entropy_term = algorithm.entropy_coef != 0
+        entropy_mask = microbatch.loss_mask if entropy_term else _every_kth(microbatch.loss_mask,
+                                                                            self.actor.entropy_metric_stride)
+        # On-policy in one minibatch (``old_logprobs_from_update``): the weights have not moved
+        # since sampling, so this forward's own log-probs, detached, are the old ones (of every
+        # response token, masked or not, as a separate pass would give them).
+        old_logprobs = microbatch.old_logprobs
+        scored = microbatch.loss_mask if old_logprobs is not None else microbatch.response_mask
+        logprobs, entropy = self._scored(microbatch, output, scored, entropy_mask, entropy_requires_grad=entropy_term)
+        if old_logprobs is None:
+            old_logprobs = logprobs.detach()
+            self._update_logprobs.extend(
+                (index, values.clone()) for index, values in microbatch.response_values(old_logprobs.float().cpu())
+            )
         loss, metrics = policy_loss(
             logprobs,
-            microbatch.old_logprobs,
+            old_logprobs,
             microbatch.advantages,
             microbatch.loss_mask,
             loss_type=algorithm.loss_type,
@@ -348,20 +409,23 @@ class MegatronActor:
             num_seqs_normalizer=num_seqs,
             ref_logprobs=microbatch.ref_logprobs,
             kl_coef=algorithm.kl_coef,
-            entropy=entropy,
+            entropy=entropy if entropy_term else None,
             entropy_coef=algorithm.entropy_coef,
         )
         early_stopped = False
-        if algorithm.early_stop_granularity == "microbatch" and algorithm.early_stop_imp_ratio is not None:
+        if (algorithm.early_stop_granularity == "microbatch" and algorithm.early_stop_imp_ratio is not None
+                and microbatch.old_logprobs is not None):
             early_stopped, _ = importance_ratio_early_stop(
-                logprobs, microbatch.old_logprobs, microbatch.loss_mask, algorithm.early_stop_imp_ratio, self._dp_group
+                logprobs, old_logprobs, microbatch.loss_mask, algorithm.early_stop_imp_ratio, self._dp_group
             )
         tokens = metrics["num_valid_tokens"]
         detached_loss = loss.detach().float()
+        entropy_tokens = entropy_mask.sum().to(tokens) if entropy is not None else torch.zeros_like(tokens)
         stats = torch.stack(
             [
                 detached_loss,
-                metrics["entropy"] * tokens,
+                (entropy.detach() * entropy_mask).sum().to(tokens) if entropy is not None else torch.zeros_like(tokens),
+                entropy_tokens,
                 metrics["ratio_mean"] * tokens,
                 metrics["clip_frac"] * tokens,
                 metrics["approx_kl"] * tokens,
@@ -381,11 +445,13 @@ class MegatronActor:
         threshold = self.algorithm.early_stop_imp_ratio
         if self.algorithm.early_stop_granularity != "minibatch" or threshold is None:
             return False
+        if all(microbatch.old_logprobs is None for microbatch in microbatches):
+            return False  # old log-probs from the update itself: the ratio is 1 by construction
         self.model.eval()
 
         def valid_logprobs(microbatch: Microbatch, output: Tensor, non_loss_data: bool = True) -> tuple[Tensor, Tensor]:
-            logprobs, _ = token_logprobs_and_entropy(output, microbatch.labels, self.vocab_size, with_entropy=False)
             mask = microbatch.loss_mask
+            logprobs, _ = self._scored(microbatch, output, mask, None)
             return logprobs[mask].float(), microbatch.old_logprobs[mask].float()
 
         with torch.no_grad():
@@ -576,7 +642,8 @@ class MegatronActor:
 
         def forward_step(data_iterator: Iterator[Microbatch], model: torch.nn.Module) -> tuple[Tensor, Callable]:
             microbatch = next(data_iterator)
-            output = model(microbatch.tokens, microbatch.position_ids, None)
+            with _final_hidden_states(self.model):
+                output = model(microbatch.tokens, microbatch.position_ids, None)
             return output, partial(loss_func, microbatch)
 
         return get_forward_backward_func()(
@@ -588,6 +655,20 @@ class MegatronActor:
             micro_batch_size=max(mb.tokens.shape[0] for mb in on_device),
             forward_only=forward_only,
             collect_non_loss_data=forward_only,
+        )
+
+    def _scored(
+        self, microbatch: Microbatch, hidden: Tensor, score_mask: Tensor, entropy_mask: Tensor | None,
+        *, entropy_requires_grad: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Log-probs at ``score_mask`` and entropy at ``entropy_mask`` of a microbatch's hidden states."""
+        model = self.model
+        weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights \
+            else model.output_layer.weight
+        return scored_logprobs_and_entropy(
+            hidden, weight, microbatch.labels, score_mask, self.vocab_size,
+            chunk_tokens=self.actor.logits_chunk_tokens, entropy_mask=entropy_mask,
+            entropy_requires_grad=entropy_requires_grad, sequence_parallel=self.actor.sequence_parallel,
         )
 
     def _from_last_stage(self, tensor: Tensor) -> Tensor:

@@ -12,7 +12,8 @@ Choices and what must stay true:
   optimizer step each), in order.
 - Data parallel: rank ``r`` of ``dp`` takes sequences ``r, r + dp, r + 2 dp, ...`` of a slice
   (round robin balances lengths well enough for rollouts, whose lengths are not sorted).
-- Microbatches are PADDED, not packed: sequences are taken greedily in their order while
+- Microbatches are PADDED, not packed: sequences are sorted by length (longest first, ties in
+  batch order) and taken greedily while
   ``rows * longest`` stays within ``max_tokens_per_microbatch`` (lengths rounded up to
   ``length_multiple``, e.g. the TP size under sequence parallel); each microbatch is right-padded
   to its longest sequence. With causal attention, right padding cannot change any real token's
@@ -209,6 +210,14 @@ class Microbatch:
     def num_valid_tokens(self) -> int:
         return int(self.loss_mask.sum())
 
+    @property
+    def response_mask(self) -> Tensor:
+        """True at the label positions of every response token (the loss mask before masking)."""
+        mask = torch.zeros_like(self.loss_mask)
+        for row, (_, start, length) in enumerate(self.spans):
+            mask[row, start : start + length] = True
+        return mask
+
     def response_values(self, per_position: Tensor) -> list[tuple[int, Tensor]]:
         """``(sequence index, values of its response tokens)`` from a ``[rows, length]`` tensor."""
         return [
@@ -268,5 +277,10 @@ def build_microbatch(batch: RolloutBatch, indices: Sequence[int], length_multipl
 def plan_microbatches(
     batch: RolloutBatch, indices: Sequence[int], max_tokens: int, length_multiple: int = 1
 ) -> list[list[int]]:
-    """Token-budget groups of this rank's ``indices`` (before count equalisation)."""
-    return pack_by_token_budget(indices, [batch.sequence_length(i) for i in indices], max_tokens, length_multiple)
+    """Token-budget groups of this rank's ``indices`` (before count equalisation), longest first.
+
+    Sorting by length puts sequences of similar length together, so each microbatch pads to a
+    length close to its rows' own (see the module doc).
+    """
+    ordered = sorted(indices, key=batch.sequence_length, reverse=True)
+    return pack_by_token_budget(ordered, [batch.sequence_length(i) for i in ordered], max_tokens, length_multiple)

@@ -11,7 +11,7 @@ from rlsys.algorithms.advantages import (
 )
 from rlsys.algorithms.early_stop import importance_ratio_early_stop, zero_loss_if_skipped
 from rlsys.algorithms.entropy import entropy_from_logits
-from rlsys.algorithms.mismatch import logprob_mismatch
+from rlsys.algorithms.mismatch import logprob_mismatch, sequence_logprob_mismatch
 from rlsys.algorithms.policy_loss import AggMode, LossType, aggregate_token_losses, kl_k3, policy_loss
 
 __all__ = [
@@ -27,5 +27,6 @@ __all__ = [
     "nonzero_variance_group_mask",
     "overlong_penalty",
     "policy_loss",
+    "sequence_logprob_mismatch",
     "zero_loss_if_skipped",
 ]

@@ -7,6 +7,8 @@ or the engine is broken.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -22,3 +24,12 @@ def logprob_mismatch(rollout_logprobs: Tensor, actor_logprobs: Tensor, mask: Ten
     difference = (rollout_logprobs.float() - actor_logprobs.float()).abs()
     total = torch.where(selected, difference, torch.zeros_like(difference)).sum()
     return total / selected.sum().clamp(min=1)
+
+
+def sequence_logprob_mismatch(rollout: Sequence[Tensor], actor: Sequence[Tensor]) -> float:
+    """``logprob_mismatch`` over every response the engine gave log-probs for (NaN when none did)."""
+    pairs = [(r, a.float()) for r, a in zip(rollout, actor) if r.numel() == a.numel() and r.numel()]
+    if not pairs:
+        return float("nan")
+    engine_lp, actor_lp = torch.cat([r for r, _ in pairs]), torch.cat([a for _, a in pairs])
+    return logprob_mismatch(engine_lp, actor_lp, torch.ones_like(engine_lp)).item()

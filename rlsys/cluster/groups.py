@@ -17,6 +17,7 @@ finishing fails the rollout, naming the engines) instead of one timeout for the 
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import ray
@@ -59,8 +60,8 @@ class ActorGroup:
     def compute_logprobs(self, batch: Any) -> list[Any]:
         return self.call("compute_logprobs", batch)
 
-    def train_step(self, batch: Any) -> dict[str, float]:
-        return self.call("train_step", batch)
+    def train_step(self, batch: Any, rollout_logprobs: list[Any] | None = None) -> dict[str, float]:
+        return self.call("train_step", batch, rollout_logprobs)
 
     def sync_weights(self) -> dict[str, float]:
         return self.call("sync_weights")
@@ -157,13 +158,19 @@ class Cluster:
     _group: Any
     _actors: list[Any]
     _engines: list[Any]
+    startup_s: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Seconds from the start of ``start``: ``ray`` (Ray up, placement group ready), ``actor`` (every
+    rank built with its weights), ``engines`` (every engine serving), ``total``; and each part's own
+    longest duration: ``actor_build`` (model, weights, optimizer) and ``engine_start``."""
 
     @classmethod
     def start(cls, run: RunConfig, model_path: str, *, dry_run: bool = False) -> Cluster:
         layout = Layout.of(run)
         timeout = run.cluster.start_timeout_s
+        started = time.monotonic()
         start_ray(run, layout)
         group = create_placement_group(layout, timeout)
+        startup = {"ray": time.monotonic() - started}
         actors: list[Any] = []
         engines: list[Any] = []
         try:
@@ -182,8 +189,10 @@ class Cluster:
             master = _wait([actors[0].address.remote()], timeout, ["actor rank 0"])[0]
             ranks = _wait([a.setup.remote(run, model_path, master) for a in actors], timeout,
                           [f"actor rank {r}" for r in range(len(actors))])
+            startup["actor"] = time.monotonic() - started
             described = _wait([e.describe.remote() for e in engines], timeout,
                               [f"engine {e}" for e in range(len(engines))])
+            startup["engines"] = time.monotonic() - started
             transport = resolve_transport(run)
             routes = sync_routes(layout, devices, transport, run.sync.master_address)
             handles = [(e, name, args) for e, (name, args) in zip(engines, described)]
@@ -196,8 +205,11 @@ class Cluster:
             raise
         release = layout.placement == "colocated" and layout.device == "cuda"
         rollout = RolloutGroup(engines, release, run.rollout.max_running_requests, run.rollout.timeout_s)
+        startup["total"] = time.monotonic() - started
+        startup["actor_build"] = max(ray.get([a.startup_seconds.remote() for a in actors], timeout=60))
+        startup["engine_start"] = max(ray.get([e.startup_seconds.remote() for e in engines], timeout=60))
         return cls(layout, devices, routes, ActorGroup(actors, run.actor.offload), rollout, ranks,
-                   group, actors, engines)
+                   group, actors, engines, startup)
 
     def engine_status(self) -> list[dict[str, Any]]:
         """Each engine's placement and the senders of its last sync (``EngineWorker.status``)."""

@@ -68,7 +68,9 @@ Activations (``actor.max_tokens_per_microbatch`` tokens, T, of one microbatch)
   stage's activations equal one microbatch through all layers, as the paper observes. The
   logits below are the last stage's; both are summed, an upper bound for PP > 1.
 
-Logits (the last stage): T x (padded vocabulary / t) in fp32, 4 bytes, times ``LOGIT_COPIES``
+Logits (the last stage): the output layer runs on ``actor.logits_chunk_tokens`` scored positions
+at a time (``rlsys.actor.vocab_parallel``), each chunk recomputed in backward, so one chunk lives
+at once: min(chunk, T) x (padded vocabulary / t) in fp32, 4 bytes, times ``LOGIT_COPIES``
 fp32 copies: the logits, and at the peak of ``rlsys.actor.vocab_parallel``'s entropy the shifted
 logits, their exp and their product (4); with ``algorithm.entropy_coef != 0`` the entropy's
 graph keeps two of them and the cross entropy's softmax into backward (5).
@@ -365,7 +367,8 @@ def logit_bytes(dims: ModelDims, run: RunConfig) -> int:
     """Bytes of the log-prob and entropy computation over one microbatch's logit shard."""
     tp = run.actor.tp
     copies = LOGIT_COPIES_ENTROPY_GRAD if run.algorithm.entropy_coef != 0 else LOGIT_COPIES
-    return run.actor.max_tokens_per_microbatch * (padded_vocab_size(dims.vocab_size, tp) // tp) * 4 * copies
+    rows = min(run.actor.logits_chunk_tokens, run.actor.max_tokens_per_microbatch)
+    return rows * (padded_vocab_size(dims.vocab_size, tp) // tp) * 4 * copies
 
 
 # --- the rollout engine ----------------------------------------------------------------------

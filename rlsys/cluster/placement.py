@@ -131,7 +131,8 @@ def start_ray(run: RunConfig, layout: Layout) -> None:
     """Join or start Ray (see the top) and check it can hold ``layout``."""
     if not ray.is_initialized():
         address = run.cluster.ray_address
-        common: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": True,
+        # Workers write to their own files (rlsys.cluster.logs); Ray forwards nothing to the console.
+        common: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": False,
                                   "runtime_env": {"env_vars": _worker_env()}}
         if address == "local":
             # On GPU Ray counts the GPUs itself; a CPU device is a logical CPU (one spare for tasks).

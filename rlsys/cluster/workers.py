@@ -18,6 +18,8 @@ Choices, and what must stay true:
   --simulate`` and the placement tests run them on a Ray cluster with declared GPUs.
 - Every proxied engine call carries its caller (``_sender``: actor rank and node); the engine
   keeps the senders of the current sync, so a test or the plan can see who fed whom.
+- Output: each worker installs ``rlsys.platform.quiet``'s filters first, and once placed sends its
+  stdout and stderr to its own file under ``<runner.output_dir>/logs/`` (``rlsys.cluster.logs``).
 - Checkpoint RNG: every rank saves and restores its python / numpy / torch generator states
   next to the model, so that anything random in a later step continues the same stream.
 """
@@ -27,13 +29,14 @@ from __future__ import annotations
 import os
 import random
 import socket
-import warnings
 from pathlib import Path
 from typing import Any
 
 import ray
 
+from rlsys.cluster.logs import log_dir, to_file
 from rlsys.config import RunConfig
+from rlsys.platform.quiet import quiet_third_party
 
 CALL_MARGIN_S = 60.0
 _PROXIED = frozenset({
@@ -108,7 +111,8 @@ def sglang_engine_args(run: RunConfig, device: str, gpu_index: int) -> dict[str,
             extra["cuda_graph_max_bs"] = min(rollout.cuda_graph_max_bs, rollout.max_running_requests)
     return {
         "tp_size": rollout.tp, "device": device, "dtype": None if rollout.dtype == "auto" else rollout.dtype,
-        "mem_fraction_static": rollout.mem_fraction_static, "seed": run.runner.seed,
+        "mem_fraction_static": rollout.mem_fraction_static, "max_total_tokens": rollout.max_total_tokens,
+        "seed": run.runner.seed,
         # Colocated on GPU the engine hands its memory back while the actor trains.
         "enable_memory_saver": run.cluster.placement == "colocated" and device == "cuda",
         "timeout_s": rollout.timeout_s, "startup_timeout_s": run.cluster.start_timeout_s,
@@ -128,10 +132,18 @@ class EngineWorker:
 
     def __init__(self, run: RunConfig, model_path: str, device: str, devices: list[dict[str, Any]],
                  dry_run: bool = False) -> None:
+        quiet_third_party()
         rollout = run.rollout
         self.kind, self.dry_run, self.devices = rollout.engine, dry_run, devices
         self.weights_from: list[dict[str, Any]] = []
         gpu_index = devices[0]["gpu"]
+        if not dry_run:
+            from rlsys.cluster.placement import Layout
+
+            layout = Layout.of(run)
+            engine = (devices[0]["index"] - layout.engine_first_device) // layout.engine_tp
+            logs = log_dir(run.runner.output_dir)
+            to_file(logs / f"engine_{engine}.log")
         if device == "cuda":
             _check_ray_gpu(gpu_index, f"engine on node {devices[0]['node_rank']}")
         if device == "cpu" and not dry_run:
@@ -154,13 +166,17 @@ class EngineWorker:
             else:
                 from rlsys.rollout.sglang_engine import SGLangEngine
 
-                self.engine = SGLangEngine(model_path, **arguments)
+                self.engine = SGLangEngine(model_path, **arguments, log_path=logs / f"engine_{engine}.sglang.log")
                 self.engine_args = dict(self.engine.engine_args)
         self.engine_args["kind"] = self.kind
 
     def describe(self) -> tuple[str, dict[str, Any]]:
         name = f"{self.kind} engine (dry run)" if self.dry_run else getattr(self.engine, "name", self.kind)
         return name, self.engine_args
+
+    def startup_seconds(self) -> float:
+        """How long the engine took to start serving (its own clock; NaN when unknown)."""
+        return float(getattr(getattr(self, "engine", None), "startup_s", float("nan")))
 
     def status(self) -> dict[str, Any]:
         """Where the engine is and who fed it in the last sync (see the top)."""
@@ -192,6 +208,7 @@ class ActorWorker:
     """One Megatron rank in a Ray actor (see the top); ``device`` is its ``placement.Device`` as a dict."""
 
     def __init__(self, rank: int, world_size: int, device: dict[str, Any], dry_run: bool = False) -> None:
+        quiet_third_party()
         self.rank = rank
         self.world_size = world_size
         self.device = device
@@ -199,6 +216,10 @@ class ActorWorker:
         self.actor: Any = None
         self.feed: Any = None
         self.dry_proxies: list[EngineProxy] = []
+
+    def startup_seconds(self) -> float:
+        """How long building the model, loading its weights and the optimizer took (NaN before setup)."""
+        return float(getattr(self, "build_s", float("nan")))
 
     def address(self) -> tuple[str, int]:
         """Where rank 0 hosts the process group's store (called on rank 0 before any setup)."""
@@ -220,11 +241,9 @@ class ActorWorker:
                      "pp_rank": coordinates.pp_rank, "dp_rank": coordinates.dp_rank}
         if self.dry_run:
             return described
+        to_file(log_dir(run.runner.output_dir) / f"actor_rank_{self.rank}.log")
         os.environ.update(MASTER_ADDR=master[0], MASTER_PORT=str(master[1]), RANK=str(self.rank),
                           WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(self.device["gpu"]))
-        # megatron-core repeats these at every import on machines without TE or apex (CPU); the
-        # fallbacks they announce are the intended ones there.
-        warnings.filterwarnings("ignore", message=r".*(Apex is|Apex are|Transformer Engine and Apex are) not installed")
         from megatron.core import parallel_state
 
         from rlsys.actor.actor import MegatronActor
@@ -242,7 +261,11 @@ class ActorWorker:
         if actual != (coordinates.tp_rank, coordinates.pp_rank, coordinates.dp_rank):
             raise RuntimeError(f"actor rank {self.rank}: megatron placed it at (tp, pp, dp) = {actual}, the plan "
                                f"at {coordinates}; rlsys.cluster.routes must follow megatron's rank order")
+        import time
+
+        started = time.monotonic()
         self.actor = MegatronActor(run.actor, run.algorithm, model_path=model_path, seed=run.runner.seed)
+        self.build_s = time.monotonic() - started
         return described
 
     def _group_timeout_s(self) -> float:
@@ -305,10 +328,10 @@ class ActorWorker:
     def compute_logprobs(self, batch: Any) -> list[Any]:
         return self.actor.compute_logprobs(batch).logprobs
 
-    def train_step(self, batch: Any) -> dict[str, float]:
+    def train_step(self, batch: Any, rollout_logprobs: list[Any] | None = None) -> dict[str, float]:
         import torch
 
-        metrics = self.actor.train_step(batch)
+        metrics = self.actor.train_step(batch, rollout_logprobs)
         if torch.cuda.is_available():
             # Hand the allocator's cached blocks back before the engine takes its memory again.
             torch.cuda.empty_cache()

@@ -42,6 +42,11 @@ The workarounds, and why each is needed:
      of them. (soundfile and python-multipart are ordinary pure-Python packages that the CPU lock
      does not include; with them installed, their stand-ins could go.)
 
+   The folder also holds ``sitecustomize.py``, which Python runs at the start of each of these
+   processes: it installs ``rlsys.platform.quiet``'s filters of the warnings that only restate
+   these CPU fallbacks (sglang spawns its scheduler and detokenizer, so nothing set in the worker's
+   own interpreter reaches them).
+
    ``assert_stand_ins_active()`` checks, inside an sglang process, that the stand-ins really were
    the packages imported, and ``warn_if_unchecked_version()`` warns when the installed sglang is not
    the version all of this was checked against.

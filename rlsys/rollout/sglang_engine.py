@@ -39,8 +39,13 @@ Choices:
   keeps that token (as in ``HFEngine``); a stop string is kept in the text (``no_stop_trim``).
   Finish reasons map 1:1 ('stop', 'length'); an aborted request raises.
 - Weight updates: tensors are serialised in the trainer (``serialize_named_tensors``) and the worker
-  hands the bytes to sglang's scheduler untouched. CPU tensors are pickled by value (no shared memory
-  whose lifetime the trainer would have to manage); CUDA tensors as CUDA IPC handles (no copy; the
+  hands the bytes to sglang's scheduler untouched. CPU tensors are copied once into one POSIX
+  shared-memory block per bucket and pickled as its name (torch's ``file_system`` sharing,
+  whose rebuild sglang's safe unpickler allows): the scheduler maps the block instead of
+  receiving the bytes through Ray and zmq. torch's shared-memory manager counts the references,
+  so the block is unlinked once the scheduler has dropped it, and the trainer need not keep it.
+  ``by_value=True`` pickles them by value instead, for a server on another host (HTTP engine).
+  CUDA tensors go as CUDA IPC handles (no copy; the
   scheduler opens them on the same device index, so the worker, a child of the trainer, must see the
   same ``CUDA_VISIBLE_DEVICES``, which it inherits). sglang 0.5.21 accepts tensor and distributed
   updates only inside a weight-update session: an update outside one opened with
@@ -68,7 +73,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -154,25 +159,65 @@ def samples_from_outputs(outputs: Sequence[Mapping[str, Any]], num_prompts: int,
     return samples
 
 
-def serialize_named_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> bytes:
+def serialize_named_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]], *, by_value: bool = False) -> bytes:
     """Named tensors as the bytes sglang's scheduler deserialises in ``update_weights_from_tensor``.
 
-    CPU tensors are pickled by value. CUDA tensors go through torch's multiprocessing pickler, i.e.
+    CPU tensors: copied into one shared-memory block and pickled as views of it (module doc), or
+    pickled by value with ``by_value``. CUDA tensors go through torch's multiprocessing pickler, i.e.
     as CUDA IPC handles: the tensors must stay alive until the update call returns. Mixed devices
-    are refused (the IPC pickler would move the CPU ones to shared memory that only related
-    processes can open).
+    are refused.
     """
     named = [(name, tensor.detach()) for name, tensor in named_tensors]
     devices = {tensor.device.type for _, tensor in named}
-    if devices <= {"cpu"}:
+    if devices <= {"cpu"} and by_value:
         return pickle.dumps([(name, _owning_copy(tensor)) for name, tensor in named], protocol=pickle.HIGHEST_PROTOCOL)
-    if devices == {"cuda"}:
-        from multiprocessing.reduction import ForkingPickler
+    if devices <= {"cpu"}:
+        named = _in_one_shared_block(named)
+    elif devices != {"cuda"}:
+        raise ValueError(f"update_weights_from_tensor needs tensors on one kind of device, got {sorted(devices)}")
+    from multiprocessing.reduction import ForkingPickler
 
-        buffer = io.BytesIO()
+    buffer = io.BytesIO()
+    with _file_system_sharing():
         ForkingPickler(buffer, pickle.HIGHEST_PROTOCOL).dump(named)
-        return buffer.getvalue()
-    raise ValueError(f"update_weights_from_tensor needs tensors on one kind of device, got {sorted(devices)}")
+    return buffer.getvalue()
+
+
+_SHARED_ALIGNMENT = 64
+"""Byte alignment of each tensor inside a shared block (any dtype's view must be aligned)."""
+
+
+def _in_one_shared_block(named: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+    """Copies of ``named`` that are views of one new shared-memory (file_system) storage."""
+    offsets, total = [], 0
+    for _, tensor in named:
+        offsets.append(total)
+        total += -(-tensor.numel() * tensor.element_size() // _SHARED_ALIGNMENT) * _SHARED_ALIGNMENT
+    with _file_system_sharing():
+        storage = torch.UntypedStorage._new_shared(max(total, 1))
+    block = torch.empty(0, dtype=torch.uint8).set_(storage)
+    copies = []
+    for (name, tensor), offset in zip(named, offsets):
+        nbytes = tensor.numel() * tensor.element_size()
+        view = block[offset : offset + nbytes].view(tensor.dtype).view(tensor.shape)
+        view.copy_(tensor)
+        copies.append((name, view))
+    return copies
+
+
+@contextlib.contextmanager
+def _file_system_sharing() -> Iterator[None]:
+    """torch's ``file_system`` sharing strategy while inside: shared CPU storages are named POSIX
+    shared memory that any process on the host can open (the default passes file descriptors,
+    which only related processes can receive)."""
+    import torch.multiprocessing as torch_mp
+
+    previous = torch_mp.get_sharing_strategy()
+    torch_mp.set_sharing_strategy("file_system")
+    try:
+        yield
+    finally:
+        torch_mp.set_sharing_strategy(previous)
 
 
 def _owning_copy(tensor: torch.Tensor) -> torch.Tensor:

@@ -102,7 +102,8 @@ class SGLangHTTPEngine(WeightUpdateSessions):
     def update_weights_from_tensor(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *,
                                    flush_cache: bool = True, load_format: str | None = None,
                                    timeout_s: float | None = None) -> None:
-        payload = base64.b64encode(serialize_named_tensors(named_tensors)).decode("ascii")
+        # By value: the server may run on another host, where no shared memory of ours exists.
+        payload = base64.b64encode(serialize_named_tensors(named_tensors, by_value=True)).decode("ascii")
         tp_size = self._tp_size(timeout_s)
         with self._own_session_unless_open(timeout_s):
             self._checked_request("/update_weights_from_tensor", "update_weights_from_tensor", timeout_s, {

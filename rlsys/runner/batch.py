@@ -10,8 +10,8 @@ Choices:
 - Dynamic sampling (``algorithm.filter_zero_variance_groups``): groups whose shaped rewards are
   all equal are dropped from the batch (they would only add zero-advantage tokens). When every
   group is dropped the step trains on nothing; ``rollout/kept_groups`` says how many were kept.
-- The rollout engine's log-probs travel with the batch so the actor's recomputed ones can be
-  compared with them (``train/logprob_mismatch``).
+- The rollout engine's log-probs travel with the batch so the actor's own can be compared with
+  them (``train/logprob_mismatch``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from rlsys.actor.microbatch import RolloutBatch
-from rlsys.algorithms import group_relative_advantages, logprob_mismatch, nonzero_variance_group_mask, overlong_penalty
+from rlsys.algorithms import group_relative_advantages, nonzero_variance_group_mask, overlong_penalty
 from rlsys.config import AlgorithmConfig
 from rlsys.data.dataset import Prompt
 from rlsys.rollout.base import Sample
@@ -77,12 +77,3 @@ def build_train_batch(prompts: Sequence[Prompt], samples: Sequence[Sample], rewa
     )
     rollout_logprobs = [torch.tensor(samples[i].logprobs, dtype=torch.float32) for i in kept]
     return TrainBatch(batch, rollout_logprobs, metrics)
-
-
-def rollout_actor_mismatch(rollout: Sequence[torch.Tensor], actor: Sequence[torch.Tensor]) -> float:
-    """``logprob_mismatch`` over every response the engine gave log-probs for (NaN when none did)."""
-    pairs = [(r, a.float()) for r, a in zip(rollout, actor) if r.numel() == a.numel() and r.numel()]
-    if not pairs:
-        return float("nan")
-    engine_lp, actor_lp = torch.cat([r for r, _ in pairs]), torch.cat([a for _, a in pairs])
-    return logprob_mismatch(engine_lp, actor_lp, torch.ones_like(engine_lp)).item()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
+from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -15,17 +17,34 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from rlsys.cluster.logs import log_dir
     from rlsys.cluster.placement import ClusterError
+    from rlsys.config import ConfigError, load_config
     from rlsys.data import DataError
     from rlsys.runner.checkpoints import ResumeError
-    from rlsys.runner.grpo import train_from_config
+    from rlsys.runner.grpo import train
 
+    run = load_config(args.config, args.overrides)
+    logs = log_dir(run.runner.output_dir)
     try:
-        result = train_from_config(args.config, args.overrides)
+        result = train(run)
     except (DataError, ClusterError, ResumeError) as exc:
         # Input and cluster problems found at start: the message names the file, field or resource.
         print(f"rlsys train: error: {exc}", file=sys.stderr)
+        _name_worker_logs(logs)
         return 2
+    except ConfigError:
+        raise  # found at start too: rlsys.cli prints it as a config error
+    except Exception:
+        # A worker's exception arrives here with the worker's traceback (Ray re-raises it).
+        traceback.print_exc()
+        _name_worker_logs(logs)
+        return 1
     print(f"[rlsys train] done: {result.output_dir} (event files in tensorboard/, checkpoints in checkpoints/)",
           file=sys.stderr)
     return 0
+
+
+def _name_worker_logs(logs: Path) -> None:
+    if logs.is_dir():
+        print(f"rlsys train: the workers' full logs are in {logs}/", file=sys.stderr)

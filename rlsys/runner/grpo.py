@@ -1,4 +1,4 @@
-"""The GRPO loop: one step is rollout -> reward -> advantages -> old log-probs -> update -> weight sync.
+"""The GRPO loop: one step is rollout -> reward -> advantages -> update (old log-probs first) -> weight sync.
 
     result = train_from_config("smollm2-135m-grpo-cpu", ["runner.total_steps=4"])
 
@@ -32,6 +32,7 @@ from pathlib import Path
 import ray
 
 from rlsys.cluster.groups import Cluster
+from rlsys.cluster.logs import log_dir
 from rlsys.config import REPO_ROOT, RunConfig, load_config, to_dict
 from rlsys.data import PromptBatches, load_train_prompts, load_val_prompts
 from rlsys.eval.benchmark import evaluate_prompts, write_results
@@ -40,14 +41,15 @@ from rlsys.models.shapes import check_model_layout
 from rlsys.reward.pool import RewardPool
 from rlsys.rollout.base import SamplingParams, derive_seed
 from rlsys.runner import checkpoints
-from rlsys.runner.batch import build_train_batch, rollout_actor_mismatch
-from rlsys.runner.metrics import MetricsLogger, check_loggers
+from rlsys.runner.batch import build_train_batch
+from rlsys.runner.metrics import MetricsLogger, check_loggers, console
 
 TRAIN_METRICS = {"policy_loss": "train/policy_loss", "entropy": "train/entropy_loss", "ratio": "train/ratio",
                  "clip_fraction": "train/clip_fraction", "approx_kl": "train/approx_kl",
                  "grad_norm": "train/grad_norm", "lr": "train/lr", "early_stopped": "train/early_stopped",
                  "skipped_nonfinite": "train/skipped_nonfinite", "optimizer_steps": "train/optimizer_steps",
-                 "skipped_overflow": "train/skipped_overflow", "loss_scale": "train/loss_scale"}
+                 "skipped_overflow": "train/skipped_overflow", "loss_scale": "train/loss_scale",
+                 "logprob_mismatch": "train/logprob_mismatch"}
 
 
 @dataclass
@@ -87,6 +89,7 @@ class GRPOTrainer:
         self.step, self.times = 0, {}
         self.started_ray = not ray.is_initialized()
         self.reward, self.cluster, self.logger = RewardPool(run.reward).__enter__(), None, None
+        console(f"writing to {self.output_dir}/; worker logs in {log_dir(self.output_dir)}/")
         try:
             self.cluster = Cluster.start(run, str(resolve_model_path(run.model.path)))
             self.actor, self.rollout = self.cluster.actor, self.cluster.rollout
@@ -107,6 +110,9 @@ class GRPOTrainer:
         self.step = state["step"]
         self.batches.load_state_dict(state["data"])
         self.actor.sync_weights()
+        position = self.batches.state_dict()
+        console(f"resumed from {directory} (step {self.step}, data epoch {position['epoch']} "
+                f"offset {position['offset']})")
 
     def fit(self) -> TrainResult:
         runner = self.run.runner
@@ -140,10 +146,7 @@ class GRPOTrainer:
                 with self.timed("train"):
                     self.rollout.release_memory()
                     self.actor.reload()
-                    old = self.actor.compute_logprobs(train.batch) if self.run.actor.recompute_old_logprobs \
-                        else train.rollout_logprobs
-                    metrics["train/logprob_mismatch"] = rollout_actor_mismatch(train.rollout_logprobs, old)
-                    updated = self.actor.train_step(train.batch.with_old_logprobs(old))
+                    updated = self.actor.train_step(train.batch, train.rollout_logprobs)
                     self.rollout.resume_memory()
                 metrics |= {TRAIN_METRICS[k]: v for k, v in updated.items() if k in TRAIN_METRICS}
                 with self.timed("sync"):

@@ -6,6 +6,8 @@
 - wandb: only when ``runner.loggers`` names it; a missing package is a config error at start.
 - console: one line per step with the headline numbers, under a tqdm progress bar (when stderr is
   a terminal and ``runner.progress_bar``) that shows the step, its phase, the reward and time.
+  Besides these, only the driver's own ``[rlsys]`` lines (``console``): where the worker logs are,
+  which checkpoint a run resumed from. The workers write to files (``rlsys.cluster.logs``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,11 @@ from rlsys.config import ConfigError, RunnerConfig
 
 HEADLINE = ("rollout/rewards", "rollout/response_length", "train/policy_loss", "train/entropy_loss",
             "train/logprob_mismatch", "time/step")
+
+
+def console(message: str) -> None:
+    """One ``[rlsys]`` line on stderr, above the progress bar when there is one."""
+    tqdm.write(f"[rlsys] {message}", file=sys.stderr)
 
 
 def check_loggers(runner: RunnerConfig) -> None:
@@ -69,7 +76,7 @@ class MetricsLogger:
         if self.console:
             shown = [f"{k.split('/')[-1] if k.startswith('train/') else k}={finite[k]:.4g}"
                      for k in (*HEADLINE, "val/accuracy", "val/rewards") if k in finite]
-            tqdm.write(f"[rlsys] step {step}: " + " ".join(shown), file=sys.stderr)
+            console(f"step {step}: " + " ".join(shown))
 
     def close(self) -> None:
         self.bar.close()

@@ -124,8 +124,39 @@ def _train(
     return {**report, "logprobs": probe.logprobs, "entropy": probe.entropy}
 
 
+def _update_logprobs_check(settings: dict[str, Any], model_dir: str) -> dict[str, Any]:
+    """Old log-probs from the update's own forward pass against a pass of their own (same weights)."""
+    on_policy = dict(TRAIN_ACTOR, n_minibatches=1, recompute_old_logprobs=True, **settings)
+    batch = _batch()  # no old log-probs: the actor provides them
+
+    def gradients(actor: Any) -> list[torch.Tensor]:
+        return [buffer.grad_data.clone() for buffer in actor.wrapped.buffers]
+
+    actor = _actor(model_dir, **on_policy)
+    recomputed = batch.with_old_logprobs(actor.compute_logprobs(batch).logprobs)
+    separate = actor.forward_backward(recomputed)
+    separate_grads = gradients(actor)
+    fused = actor.forward_backward(batch)
+    fused_grads = gradients(actor)
+    fused_step = actor.train_step(batch, rollout_logprobs=recomputed.old_logprobs)
+    fused_after = actor.compute_logprobs(batch).logprobs
+    actor.close()
+    actor = _actor(model_dir, old_logprobs_from_update=False, **on_policy)
+    separate_step = actor.train_step(batch, rollout_logprobs=recomputed.old_logprobs)
+    separate_after = actor.compute_logprobs(batch).logprobs
+    actor.close()
+    return {
+        "loss": (separate["policy_loss"], fused["policy_loss"]),
+        "grad_difference": max((a - b).abs().max().item() for a, b in zip(separate_grads, fused_grads)),
+        "grad_scale": max(a.abs().max().item() for a in separate_grads),
+        "steps": (separate_step, fused_step),
+        "after_difference": max_abs_diff(separate_after, fused_after),
+    }
+
+
 def _two_rank_worker(rank: int, world_size: int, model_dirs: dict[str, str], old: list, work_dir: str) -> dict:
     report: dict[str, Any] = {"logprobs": {}, "train": {}}
+    report["update_logprobs"] = _update_logprobs_check(dict(tp=2), model_dirs[TRAIN_MODEL])
     report["logprobs"]["tp2"] = _logprobs_of_configs(dict(tp=2), model_dirs)
     report["logprobs"]["tp2-sp"] = _logprobs_of_configs(
         dict(tp=2, sequence_parallel=True), {TRAIN_MODEL: model_dirs[TRAIN_MODEL]}
@@ -217,6 +248,7 @@ def _one_rank_worker(
     rank: int, world_size: int, model_dirs: dict[str, str], old: list, work_dir: str, tp2_checkpoint: str
 ) -> dict:
     report: dict[str, Any] = {"logprobs": {"tp1": _logprobs_of_configs({}, model_dirs)}, "train": {}}
+    report["update_logprobs"] = _update_logprobs_check({}, model_dirs[TRAIN_MODEL])
     report["train"]["tp1"] = _train({}, model_dirs[TRAIN_MODEL], old, TRAIN_STEPS, 2, f"{work_dir}/tp1")
 
     actor = _actor(model_dirs[TRAIN_MODEL], **TRAIN_ACTOR)
@@ -476,3 +508,22 @@ def test_smollm2_real_weights_match_hf_and_train(fresh_rank: dict) -> None:
     assert metrics["optimizer_steps"] == 1 and metrics["skipped_nonfinite"] == 0
     assert math.isfinite(metrics["policy_loss"]) and metrics["grad_norm"] > 0
     assert moved > 1e-6, "the train step did not change the weights"
+
+
+@pytest.mark.parametrize("layout", ["tp1", "tp2"])
+def test_old_logprobs_from_the_update_give_the_recomputed_loss_and_gradients(
+    layout: str, one_rank: dict, two_ranks: list[dict]
+) -> None:
+    reports = [one_rank["update_logprobs"]] if layout == "tp1" else [r["update_logprobs"] for r in two_ranks]
+    for report in reports:
+        separate_loss, fused_loss = report["loss"]
+        assert abs(separate_loss - fused_loss) < LOSS_TOLERANCE
+        assert report["grad_scale"] > 0 and report["grad_difference"] < 1e-6 * max(1.0, report["grad_scale"])
+        separate_step, fused_step = report["steps"]
+        assert fused_step["optimizer_steps"] == separate_step["optimizer_steps"] == 1.0
+        for key in ("policy_loss", "grad_norm", "ratio", "entropy"):
+            assert math.isclose(fused_step[key], separate_step[key], rel_tol=1e-5, abs_tol=1e-6), key
+        assert fused_step["ratio"] == 1.0 and fused_step["clip_fraction"] == 0.0
+        # The engine's log-probs here are the recomputed ones: no mismatch either way.
+        assert fused_step["logprob_mismatch"] < 1e-6 and separate_step["logprob_mismatch"] < 1e-6
+        assert report["after_difference"] < LOGPROB_TOLERANCE

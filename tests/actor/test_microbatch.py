@@ -18,6 +18,7 @@ from rlsys.actor.microbatch import (
     equalize_microbatch_count,
     minibatch_slices,
     pack_by_token_budget,
+    plan_microbatches,
 )
 
 
@@ -45,6 +46,19 @@ def test_token_budget_packing_keeps_order_and_budget() -> None:
     assert pack_by_token_budget([0, 1, 2], [3, 40, 3], max_tokens=16) == [[0], [1], [2]]
     # Lengths round up to the multiple (sequence parallel) before the budget is applied.
     assert pack_by_token_budget([0, 1], [5, 5], max_tokens=12, length_multiple=4) == [[0], [1]]
+
+
+def test_length_sorted_planning_pads_less_and_keeps_every_sequence_once() -> None:
+    # Rollout-like lengths: short and long responses interleaved in batch order.
+    lengths = [40, 8, 36, 6, 44, 10, 38, 7]
+    batch = RolloutBatch.build([[1] * 4] * len(lengths), [[2] * (n - 4) for n in lengths])
+    padded = lambda groups: sum(len(g) * max(lengths[i] for i in g) for g in groups)  # noqa: E731
+    in_order = pack_by_token_budget(list(range(8)), lengths, max_tokens=96)
+    planned = plan_microbatches(batch, list(range(8)), max_tokens=96)
+    assert sorted(i for g in planned for i in g) == list(range(8))
+    assert all(len(g) * max(lengths[i] for i in g) <= 96 for g in planned)
+    assert padded(planned) < padded(in_order)
+    assert planned == [[4, 0], [6, 2], [5, 1, 7, 3]]  # longest first, similar lengths together
 
 
 def test_equalizing_splits_the_largest_before_adding_fillers() -> None:

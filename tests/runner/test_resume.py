@@ -1,5 +1,6 @@
 """Risk: a resumed run is not the run it continues (data position, optimizer, lr schedule, RNG or
-engine weights not restored), or it resumes from a checkpoint whose save never finished.
+engine weights not restored), or it resumes from a checkpoint whose save never finished, or its
+console does not say which checkpoint and data position it continues from.
 
 N steps straight must equal k steps + resume + N-k steps, metric by metric (timings aside), on
 CPU where every part is deterministic: the HF engine samples from a seed derived from the step,
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from rlsys.config import load_config
+from rlsys.platform import quiet
 from rlsys.runner.checkpoints import COMPLETE
 from tests.runner.conftest import TRAIN_PROMPTS, loop_overrides
 from tests.runner.test_grpo_end_to_end import read_event_scalars
@@ -40,7 +42,7 @@ def _by_step(history: list[dict[str, float]]) -> dict[int, dict[str, float]]:
 
 
 @pytest.mark.slow
-def test_resumed_runs_equal_the_straight_run(tiny_model_dir, prompt_files, tmp_path):
+def test_resumed_runs_equal_the_straight_run(tiny_model_dir, prompt_files, tmp_path, capsys):
     assert TRAIN_PROMPTS == 2 * 4, "the resume at step 2 must fall on the epoch boundary"
     straight = _by_step(_train(tiny_model_dir, prompt_files, tmp_path / "straight", STEPS,
                                **{"runner.save_interval": 0}).history)
@@ -58,12 +60,22 @@ def test_resumed_runs_equal_the_straight_run(tiny_model_dir, prompt_files, tmp_p
                   key=lambda p: p.stat().st_size)
     largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
 
+    capsys.readouterr()
     second = _train(tiny_model_dir, prompt_files, tmp_path / "resumed", STEPS)
     assert second.resumed_from is not None and second.resumed_from.name == "step_00000002"
+    # The console names the checkpoint and the position it continues from.
+    checkpoint = tmp_path / "resumed" / "checkpoints" / "step_00000002"
+    console = capsys.readouterr().err.splitlines()
+    assert f"[rlsys] resumed from {checkpoint} (step 2, data epoch 1 offset 0)" in console
     assert _by_step(second.history) == {s: straight[s] for s in (3, 4)}
+    # Loading a checkpoint raises deprecations inside megatron-core: filtered in the worker too.
+    assert not quiet.filtered_lines((tmp_path / "resumed" / "logs" / "actor_rank_0.log").read_text())
 
     third = _train(tiny_model_dir, prompt_files, interrupted, STEPS)
     assert third.resumed_from is not None and third.resumed_from.name == "step_00000001"
+    checkpoint = interrupted / "checkpoints" / "step_00000001"
+    console = capsys.readouterr().err.splitlines()
+    assert f"[rlsys] resumed from {checkpoint} (step 1, data epoch 0 offset 4)" in console
     assert _by_step(third.history) == {s: straight[s] for s in (2, 3, 4)}
 
     # The event files of the resumed run hold each step once, with the straight run's values.
