@@ -8,13 +8,17 @@ the default process group: its world is the actor's ranks (dist_checkpointing an
 "all ranks agree" reductions use it).
 
 Choices, and what must stay true:
-- Microbatches: token budget ``max_tokens_per_microbatch``, greedy in order, right-padded (not
-  packed; see ``rlsys.actor.microbatch``). Padding cannot change real tokens under causal
+- Microbatches: token budget ``max_tokens_per_microbatch``, longest sequences first, right-padded
+  (not packed: megatron's local attention refuses packed sequences; see ``rlsys.actor.microbatch``). Padding cannot change real tokens under causal
   attention, so log-probs equal the unpadded model's. Every DP rank runs the same number of
   microbatches (the largest count, by splitting or empty fillers).
 - Schedule: megatron's ``get_forward_backward_func()`` for every pass (no pipelining at PP=1,
-  1F1B otherwise); log-prob passes are ``forward_only``. Logits stay vocab-sharded under TP
-  (``rlsys.actor.vocab_parallel``); padded vocabulary columns are masked to ``-inf``.
+  1F1B otherwise); log-prob passes are ``forward_only``. The last stage hands its final hidden
+  states to the loss, not logits: the output layer runs there on the scored positions only
+  (response tokens), in chunks of ``logits_chunk_tokens``, recomputed in backward, vocab-sharded
+  under TP (``rlsys.actor.vocab_parallel``); padded vocabulary columns are masked to ``-inf``.
+- Entropy: with ``algorithm.entropy_coef != 0`` on every token, with gradient; otherwise only for
+  the ``train/entropy_loss`` metric, on every ``entropy_metric_stride``-th token, without.
 - Loss scale. Megatron's schedule divides each microbatch loss by the number of microbatches
   ``M``, and its DDP averages gradients over the ``dp`` ranks. The policy loss of a microbatch is
   normalised by the GLOBAL count of the minibatch (valid tokens for token-mean, sequences with a
@@ -49,10 +53,13 @@ Choices, and what must stay true:
   buffers and optimizer state leave the device while a colocated engine generates and come back
   bit for bit (``rlsys.actor.offload``); gradients come back zeroed. In between the actor runs
   nothing.
-- Old log-probs: a batch that carries them is trained on them (the runner recomputes them with
-  ``compute_logprobs`` as a phase of its own when ``actor.recompute_old_logprobs``, or passes the
-  rollout engine's); a batch without them gets them recomputed here when
-  ``actor.recompute_old_logprobs``, and is refused otherwise. Reference log-probs (for ``kl_coef > 0``) come with the
+- Old log-probs: a batch that carries them is trained on them. A batch without them gets the
+  actor's under ``actor.recompute_old_logprobs``: with ``old_logprobs_from_update`` and one
+  minibatch, from the update's own forward pass, detached (the weights have not moved since the
+  rollout, so the values are those a separate pass gives and the ratio is exactly 1; the
+  minibatch-granularity early stop, which could not trip, runs no pass either); otherwise from a
+  ``compute_logprobs`` pass first. Without recompute the rollout engine's log-probs
+  (``rollout_logprobs``) are used, and a batch with neither is refused. Reference log-probs (for ``kl_coef > 0``) come with the
   batch, e.g. from a second actor built with ``for_training=False`` on the reference weights.
 - Metrics are token-weighted over all trained microbatches of the step and equal on all ranks.
 """

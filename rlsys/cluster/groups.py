@@ -233,7 +233,8 @@ def _wait(refs: list[Any], timeout_s: float, names: list[str]) -> list[Any]:
     if pending:
         late = [name for name, ref in zip(names, refs) if ref in pending]
         raise ClusterError(f"cluster: {', '.join(late)} did not come up within {timeout_s:g} s "
-                           f"(cluster.start_timeout_s); their Ray logs say why")
+                           f"(cluster.start_timeout_s); their logs say why (<runner.output_dir>/logs/, or Ray's "
+                           f"session logs for a worker that never started)")
     return ray.get(refs, timeout=timeout_s)
 
 

@@ -52,6 +52,18 @@ TRAIN_METRICS = {"policy_loss": "train/policy_loss", "entropy": "train/entropy_l
                  "logprob_mismatch": "train/logprob_mismatch"}
 
 
+def process_age_s() -> float:
+    """Seconds since this process started (Linux: its start time in /proc, in clock ticks since boot)."""
+    import os
+
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
 @dataclass
 class TrainResult:
     output_dir: Path
@@ -93,6 +105,9 @@ class GRPOTrainer:
         try:
             self.cluster = Cluster.start(run, str(resolve_model_path(run.model.path)))
             self.actor, self.rollout = self.cluster.actor, self.cluster.rollout
+            up = self.cluster.startup_s
+            console(f"workers up in {up['total']:.1f} s (Ray {up['ray']:.1f} s; actor built in "
+                    f"{up['actor_build']:.1f} s, engine started in {up['engine_start']:.1f} s, in parallel)")
             if self.resumed_from is not None:
                 self.resume(self.resumed_from)
             self.actor.offload()
@@ -103,6 +118,9 @@ class GRPOTrainer:
             self.close()
             raise
         self.result = TrainResult(self.output_dir, resumed_from=self.resumed_from)
+        # Logged with the first record: from this process's start to here, and the workers' parts.
+        self.startup_metrics = {"time/startup": process_age_s(),
+                                **{f"time/startup_{part}": s for part, s in self.cluster.startup_s.items()}}
 
     def resume(self, directory: Path) -> None:
         self.actor.load(str(directory))
@@ -176,6 +194,7 @@ class GRPOTrainer:
                               max_new_tokens=rollout.max_new_tokens, n=rollout.n_samples, seed=seed)
 
     def record(self, step: int, metrics: dict[str, float], *, advance: bool = True) -> None:
+        metrics, self.startup_metrics = {**self.startup_metrics, **metrics}, {}
         self.logger.log(step, metrics, advance=advance)
         self.result.history.append({"step": float(step), **metrics})
 
