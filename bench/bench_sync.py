@@ -12,6 +12,7 @@ Choices:
   materialised), on the device that holds them. The ratio ``sync bytes/s / clone bytes/s`` says
   how far a sync is from the cheapest thing that produces a copy of the weights.
 - Targets: ``sglang`` (colocated transport: ``update_weights_from_tensor``, through shared memory on CPU),
+  ``sglang-by-value`` (the same call with every bucket pickled by value, as before shared memory),
   ``sglang-disaggregated`` (gloo/NCCL broadcast to the same engine), ``hf`` (in process,
   ``HFEngine.load_state_dict``), and ``megatron`` (the producer only: TP gather, PP broadcast, HF
   conversion and bucketing, buckets dropped at once). One warm-up sync per target, then the
@@ -47,7 +48,7 @@ SHAPES: dict[str, dict[str, Any]] = {
                        num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
 }
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-TARGETS = ("sglang", "sglang-disaggregated", "hf", "megatron")
+TARGETS = ("sglang", "sglang-by-value", "sglang-disaggregated", "hf", "megatron")
 MIB = 2**20
 TP1_NOTE = ("note: at TP1 the producer yields views of the parameters (only q/k/v are copied when split), "
             "so it can beat the clone baseline")
@@ -217,14 +218,19 @@ def into_engines(args: argparse.Namespace, device: torch.device) -> None:
         seconds = median_seconds(lambda: sync_weights(model, hf_config, transport, bucket_bytes=bucket_bytes),
                                  args.repeats, device)
         results.append(line("hf (in process)", total, seconds, baseline, measured))
-    if "sglang" in targets or "sglang-disaggregated" in targets:
-        from rlsys.rollout.sglang_engine import SGLangEngine
+    if {"sglang", "sglang-by-value", "sglang-disaggregated"} & set(targets):
+        from rlsys.rollout.sglang_engine import SGLangEngine, serialize_named_tensors
+
+        class ByValueTransport(ColocatedTransport):
+            def send(self, bucket: Any) -> None:
+                self.send_serialized([serialize_named_tensors(bucket, by_value=True)])
 
         engine = SGLangEngine(model_dir, device="cpu" if device.type == "cpu" else "cuda", max_total_tokens=4096)
         print(f"sglang engine started in {engine.startup_s:.1f} s", flush=True)
         try:
             for target, transport in [
                 ("sglang", ColocatedTransport(engine)),
+                ("sglang-by-value", ByValueTransport(engine)),
                 ("sglang-disaggregated", DisaggregatedTransport(engine, backend="nccl" if device.type == "cuda"
                                                                 else "gloo")),
             ]:
