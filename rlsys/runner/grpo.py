@@ -53,15 +53,10 @@ TRAIN_METRICS = {"policy_loss": "train/policy_loss", "entropy": "train/entropy_l
 
 
 def process_age_s() -> float:
-    """Seconds since this process started (Linux: its start time in /proc, in clock ticks since boot)."""
-    import os
+    """Seconds since this process first imported rlsys (``rlsys.IMPORTED_AT``)."""
+    import rlsys
 
-    try:
-        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-        return uptime - ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return float("nan")
+    return time.monotonic() - rlsys.IMPORTED_AT
 
 
 @dataclass
