@@ -80,7 +80,7 @@ class Rank:
     def __init__(self, fails: bool) -> None:
         self.fails = fails
 
-    def train_step(self, batch):
+    def train_step(self, batch, rollout_logprobs=None):
         if self.fails:
             raise RuntimeError("rank 1 lost its GPU")
         time.sleep(3600)  # as a rank waiting for the failed one in a collective
