@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +134,7 @@ class EngineWorker:
     def __init__(self, run: RunConfig, model_path: str, device: str, devices: list[dict[str, Any]],
                  dry_run: bool = False) -> None:
         quiet_third_party()
+        started = time.monotonic()
         rollout = run.rollout
         self.kind, self.dry_run, self.devices = rollout.engine, dry_run, devices
         self.weights_from: list[dict[str, Any]] = []
@@ -169,14 +171,15 @@ class EngineWorker:
                 self.engine = SGLangEngine(model_path, **arguments, log_path=logs / f"engine_{engine}.sglang.log")
                 self.engine_args = dict(self.engine.engine_args)
         self.engine_args["kind"] = self.kind
+        self.startup_s = time.monotonic() - started
 
     def describe(self) -> tuple[str, dict[str, Any]]:
         name = f"{self.kind} engine (dry run)" if self.dry_run else getattr(self.engine, "name", self.kind)
         return name, self.engine_args
 
     def startup_seconds(self) -> float:
-        """How long the engine took to start serving (its own clock; NaN when unknown)."""
-        return float(getattr(getattr(self, "engine", None), "startup_s", float("nan")))
+        """How long this worker took to start its engine (this worker's own clock)."""
+        return self.startup_s
 
     def status(self) -> dict[str, Any]:
         """Where the engine is and who fed it in the last sync (see the top)."""
@@ -216,10 +219,11 @@ class ActorWorker:
         self.actor: Any = None
         self.feed: Any = None
         self.dry_proxies: list[EngineProxy] = []
+        self.build_s = float("nan")
 
     def startup_seconds(self) -> float:
         """How long building the model, loading its weights and the optimizer took (NaN before setup)."""
-        return float(getattr(self, "build_s", float("nan")))
+        return self.build_s
 
     def address(self) -> tuple[str, int]:
         """Where rank 0 hosts the process group's store (called on rank 0 before any setup)."""
@@ -261,8 +265,6 @@ class ActorWorker:
         if actual != (coordinates.tp_rank, coordinates.pp_rank, coordinates.dp_rank):
             raise RuntimeError(f"actor rank {self.rank}: megatron placed it at (tp, pp, dp) = {actual}, the plan "
                                f"at {coordinates}; rlsys.cluster.routes must follow megatron's rank order")
-        import time
-
         started = time.monotonic()
         self.actor = MegatronActor(run.actor, run.algorithm, model_path=model_path, seed=run.runner.seed)
         self.build_s = time.monotonic() - started
