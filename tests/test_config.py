@@ -23,12 +23,31 @@ def test_command_line_overrides_apply():
         ("data.max_prompt_length=many", "data.max_prompt_length"),
         ("reward.no_such_field=1", "reward.no_such_field"),
         ("reward.extra=[{path: not_an_import_path}]", "reward.extra[0].path"),
+        # Asynchronous rollout and off-policy correction.
+        ("rollout.max_staleness=-1", "rollout.max_staleness"),
+        ("rollout.max_staleness=1", "rollout.max_staleness"),  # async with colocated placement
+        (("algorithm.correction_low=2.0", "algorithm.correction_high=0.5"), "algorithm.correction_high"),
+        ("algorithm.correction_low=-0.1", "algorithm.correction_low"),
+        ("algorithm.off_policy_correction=tris", "algorithm.off_policy_correction"),
+        (("algorithm.off_policy_correction=decoupled_ppo", "algorithm.correction_level=sequence"),
+         "algorithm.correction_level"),
+        (("algorithm.off_policy_correction=tis", "actor.recompute_old_logprobs=false"), "algorithm.off_policy_correction"),
+        ("algorithm.max_refill_rounds=-1", "algorithm.max_refill_rounds"),
+        ("algorithm.max_refill_rounds=2", "algorithm.max_refill_rounds"),  # without the group filter
     ],
 )
 def test_bad_value_names_the_field(override, field):
     with pytest.raises(ConfigError) as info:
-        load_config("smollm2-135m-grpo-cpu", [override])
+        load_config("smollm2-135m-grpo-cpu", [override] if isinstance(override, str) else list(override))
     assert str(info.value).startswith(field + ":"), str(info.value)
+
+
+def test_async_with_disaggregated_placement_composes():
+    run = load_config("smollm2-135m-grpo-cpu", ["cluster.placement=disaggregated", "cluster.devices_per_node=2",
+                                                "cluster.rollout_devices=1", "rollout.max_staleness=2",
+                                                "algorithm.off_policy_correction=mis",
+                                                "algorithm.correction_level=geometric"])
+    assert run.rollout.max_staleness == 2 and run.algorithm.correction_level == "geometric"
 
 
 def test_unknown_config_lists_available_ones():

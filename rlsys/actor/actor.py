@@ -61,6 +61,11 @@ Choices, and what must stay true:
   ``compute_logprobs`` pass first. Without recompute the rollout engine's log-probs
   (``rollout_logprobs``) are used, and a batch with neither is refused. Reference log-probs (for ``kl_coef > 0``) come with the
   batch, e.g. from a second actor built with ``for_training=False`` on the reference weights.
+- Off-policy correction (``algorithm.off_policy_correction``): the old log-probs above are the
+  proximal policy, and each token's policy term is weighted by ``rlsys.algorithms.off_policy``'s
+  weights of them against the engine's (``rollout_logprobs``, required then). The update's own
+  detached log-probs serve as the proximal ones too: on-policy in one minibatch they are exactly
+  what a separate pass gives. ``is_weight_max`` is a max over all ranks, not a token mean.
 - Metrics are token-weighted over all trained microbatches of the step and equal on all ranks.
 """
 
@@ -98,7 +103,13 @@ from rlsys.actor.microbatch import (
 from rlsys.actor.offload import OffloadedStorage, offload_storages, reload_storages
 from rlsys.actor.parallel import ParallelLayout, destroy_parallel, initialize_parallel, runs_on_cpu
 from rlsys.actor.vocab_parallel import scored_logprobs_and_entropy
-from rlsys.algorithms import importance_ratio_early_stop, policy_loss, sequence_logprob_mismatch, zero_loss_if_skipped
+from rlsys.algorithms import (
+    importance_ratio_early_stop,
+    importance_weights,
+    policy_loss,
+    sequence_logprob_mismatch,
+    zero_loss_if_skipped,
+)
 from rlsys.config import ActorConfig, AlgorithmConfig
 from rlsys.models.architecture import architecture_of
 from rlsys.models.megatron_weights import iter_hf_weights, load_hf_into_megatron
@@ -118,7 +129,11 @@ _STATS = (
     "contributing_tokens",
     "early_stopped",
     "nonfinite",
+    "is_weight_sum",
+    "is_clipped_sum",
+    "is_weight_max",  # reduced by max, not summed
 )
+_MAX_STAT = _STATS.index("is_weight_max")
 
 
 @contextmanager
@@ -259,6 +274,12 @@ class MegatronActor:
             raise ValueError("train_step needs advantages")
         if self.algorithm.kl_coef > 0 and batch.ref_logprobs is None:
             raise ValueError("algorithm.kl_coef > 0 needs ref_logprobs in the batch")
+        correction = self.algorithm.off_policy_correction != "none"
+        if correction:
+            if rollout_logprobs is None:
+                raise ValueError(f"algorithm.off_policy_correction={self.algorithm.off_policy_correction} needs the "
+                                 "engine's log-probs (rollout_logprobs)")
+            batch = batch.with_behaviour_logprobs(rollout_logprobs)
         if batch.old_logprobs is None:
             if not self.actor.recompute_old_logprobs:
                 if rollout_logprobs is None:
@@ -282,7 +303,9 @@ class MegatronActor:
                 early_stopped_minibatches += 1
                 continue
             stats = self._forward_backward(microbatches, num_tokens, num_seqs)
+            weight_max = max(totals[_MAX_STAT].item(), stats[_MAX_STAT].item())
             totals += stats
+            totals[_MAX_STAT] = weight_max
             losses.append(stats[_STATS.index("loss")].item())
             if stats[_STATS.index("contributing_tokens")].item() == 0:
                 continue
@@ -326,6 +349,9 @@ class MegatronActor:
         )
         mismatch = {} if rollout_logprobs is None else {
             "logprob_mismatch": sequence_logprob_mismatch(rollout_logprobs, old_logprobs)}
+        if correction:
+            mismatch |= {"is_weight_mean": token_mean("is_weight_sum"), "is_weight_max": totals[_MAX_STAT].item(),
+                         "is_clipped_fraction": token_mean("is_clipped_sum")}
         return mismatch | {
             "policy_loss": sum(losses) / len(losses) if losses else float("nan"),
             "entropy": totals[_STATS.index("entropy_sum")].item() / entropy_tokens if entropy_tokens else float("nan"),
@@ -373,9 +399,14 @@ class MegatronActor:
         outputs = self._run_schedule(microbatches, loss_func, forward_only=False)
         stats = torch.zeros(len(_STATS), dtype=torch.float64, device=self.layout.device)
         if self.layout.is_last_stage:
+            weight_max = torch.zeros((), dtype=stats.dtype, device=stats.device)
             for output in outputs:
                 stats += output["stats"].to(stats)
+                weight_max = torch.maximum(weight_max, output["stats"][_MAX_STAT].to(stats))
+            stats[_MAX_STAT] = 0.0
             dist.all_reduce(stats, group=self._dp_group)
+            dist.all_reduce(weight_max, op=dist.ReduceOp.MAX, group=self._dp_group)
+            stats[_MAX_STAT] = weight_max
         return self._from_last_stage(stats).cpu()
 
     def _microbatch_loss(
@@ -402,6 +433,13 @@ class MegatronActor:
             self._update_logprobs.extend(
                 (index, values.clone()) for index, values in microbatch.response_values(old_logprobs.float().cpu())
             )
+        weights = weight_metrics = None
+        if microbatch.behaviour_logprobs is not None:
+            weights, weight_metrics = importance_weights(
+                old_logprobs, microbatch.behaviour_logprobs.to(old_logprobs.device), microbatch.loss_mask,
+                mode=algorithm.off_policy_correction, level=algorithm.correction_level,
+                low=algorithm.correction_low, high=algorithm.correction_high,
+            )
         loss, metrics = policy_loss(
             logprobs,
             old_logprobs,
@@ -418,6 +456,7 @@ class MegatronActor:
             kl_coef=algorithm.kl_coef,
             entropy=entropy if entropy_term else None,
             entropy_coef=algorithm.entropy_coef,
+            token_weights=weights,
         )
         early_stopped = False
         if (algorithm.early_stop_granularity == "microbatch" and algorithm.early_stop_imp_ratio is not None
@@ -440,6 +479,8 @@ class MegatronActor:
                 tokens * (0.0 if early_stopped else 1.0),
                 torch.tensor(float(early_stopped), device=tokens.device),
                 (~torch.isfinite(detached_loss)).float(),
+                *((weight_metrics["is_weight_mean"] * tokens, weight_metrics["is_clipped_fraction"] * tokens,
+                   weight_metrics["is_weight_max"]) if weight_metrics else (torch.zeros_like(tokens),) * 3),
             ]
         ).double()
         # Undo the schedule's 1/M and the DDP's 1/dp (module doc, "Loss scale"). The schedule

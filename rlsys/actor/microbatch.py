@@ -49,9 +49,10 @@ class RolloutBatch:
     """Sequences of one rollout step, in the order results come back.
 
     ``advantages`` is one value per sequence (``[n]``), broadcast over its response tokens, or a
-    list of per-token tensors. ``old_logprobs`` / ``ref_logprobs`` / ``loss_mask`` are per-token,
-    one tensor of the response's length per sequence. ``loss_mask`` (optional) removes response
-    tokens from the loss, e.g. the tail of a truncated response.
+    list of per-token tensors. ``old_logprobs`` / ``ref_logprobs`` / ``loss_mask`` /
+    ``behaviour_logprobs`` are per-token, one tensor of the response's length per sequence.
+    ``loss_mask`` (optional) removes response tokens from the loss, e.g. the tail of a truncated
+    response. ``behaviour_logprobs`` are the rollout engine's, for the off-policy correction.
     """
 
     prompt_ids: list[Tensor]
@@ -60,6 +61,7 @@ class RolloutBatch:
     old_logprobs: list[Tensor] | None = None
     ref_logprobs: list[Tensor] | None = None
     loss_mask: list[Tensor] | None = None
+    behaviour_logprobs: list[Tensor] | None = None
 
     @classmethod
     def build(
@@ -70,6 +72,7 @@ class RolloutBatch:
         old_logprobs: Sequence[Tensor | Sequence[float]] | None = None,
         ref_logprobs: Sequence[Tensor | Sequence[float]] | None = None,
         loss_mask: Sequence[Tensor | Sequence[bool]] | None = None,
+        behaviour_logprobs: Sequence[Tensor | Sequence[float]] | None = None,
     ) -> RolloutBatch:
         """Normalise python lists / tensors into per-sequence tensors and check lengths."""
         prompts = [_as_long(p) for p in prompt_ids]
@@ -116,6 +119,7 @@ class RolloutBatch:
             per_token("old_logprobs", old_logprobs, _as_float),
             per_token("ref_logprobs", ref_logprobs, _as_float),
             masks,
+            per_token("behaviour_logprobs", behaviour_logprobs, _as_float),
         )
 
     def __len__(self) -> int:
@@ -126,6 +130,11 @@ class RolloutBatch:
 
     def with_old_logprobs(self, old_logprobs: list[Tensor]) -> RolloutBatch:
         return dataclasses.replace(self, old_logprobs=old_logprobs)
+
+    def with_behaviour_logprobs(self, behaviour_logprobs: Sequence[Tensor | Sequence[float]]) -> RolloutBatch:
+        """The batch with the engine's log-probs (length-checked like ``build``'s)."""
+        checked = RolloutBatch.build(self.prompt_ids, self.response_ids, behaviour_logprobs=behaviour_logprobs)
+        return dataclasses.replace(self, behaviour_logprobs=checked.behaviour_logprobs)
 
 
 def minibatch_slices(batch_size: int, n_minibatches: int) -> list[list[int]]:
@@ -205,6 +214,7 @@ class Microbatch:
     old_logprobs: Tensor | None = None
     ref_logprobs: Tensor | None = None
     advantages: Tensor | None = None
+    behaviour_logprobs: Tensor | None = None
 
     @property
     def num_valid_tokens(self) -> int:
@@ -239,6 +249,7 @@ def build_microbatch(batch: RolloutBatch, indices: Sequence[int], length_multipl
             old_logprobs=torch.zeros(1, length_multiple) if batch.old_logprobs is not None else None,
             ref_logprobs=torch.zeros(1, length_multiple) if batch.ref_logprobs is not None else None,
             advantages=torch.zeros(1, length_multiple) if batch.advantages is not None else None,
+            behaviour_logprobs=torch.zeros(1, length_multiple) if batch.behaviour_logprobs is not None else None,
         )
     rows = len(indices)
     length = _round_up(max(batch.sequence_length(i) for i in indices), length_multiple)
@@ -247,7 +258,7 @@ def build_microbatch(batch: RolloutBatch, indices: Sequence[int], length_multipl
     loss_mask = torch.zeros(rows, length, dtype=torch.bool)
     per_token = {
         name: torch.zeros(rows, length) if getattr(batch, name) is not None else None
-        for name in ("old_logprobs", "ref_logprobs", "advantages")
+        for name in ("old_logprobs", "ref_logprobs", "advantages", "behaviour_logprobs")
     }
     spans = []
     for row, index in enumerate(indices):
@@ -271,6 +282,7 @@ def build_microbatch(batch: RolloutBatch, indices: Sequence[int], length_multipl
         old_logprobs=per_token["old_logprobs"],
         ref_logprobs=per_token["ref_logprobs"],
         advantages=per_token["advantages"],
+        behaviour_logprobs=per_token["behaviour_logprobs"],
     )
 
 

@@ -32,6 +32,8 @@ Choices and simplifications:
   equal the full-batch loss. Under a DP gradient all-reduce that AVERAGES (Megatron's default),
   multiply the loss by the DP world size to keep that sum. Each normaliser is used only by the
   modes it applies to, so a caller may always pass both.
+- ``token_weights`` (off-policy correction) scale the policy term per token: ``pg_t * w_t``. The
+  clip decisions and metrics are those of the unweighted ratio.
 - Metrics are detached 0-dim tensors (no host sync), means over THIS call's valid tokens
   (``num_valid_tokens`` is there to weight them across microbatches). ``approx_kl`` is the k3
   estimate of KL(pi_old || pi_theta) on the sampled tokens: ``ratio - 1 - log(ratio)``, unbiased
@@ -112,11 +114,14 @@ def policy_loss(
     kl_coef: float = 0.0,
     entropy: Tensor | None = None,
     entropy_coef: float = 0.0,
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Scalar policy loss over ``[batch, seq]`` tokens and its detached metrics.
 
     ``advantages`` is ``[batch]`` (broadcast over tokens) or ``[batch, seq]``. ``ref_logprobs``
     is required when ``kl_coef > 0`` and ``entropy`` (per token) when ``entropy_coef != 0``.
+    ``token_weights`` (``[batch, seq]``, no gradient) multiply each token's policy term, not the
+    KL or entropy terms: the off-policy correction of ``rlsys.algorithms.off_policy``.
     """
     if loss_type not in get_args(LossType):
         raise ValueError(f"loss_type must be one of {get_args(LossType)}, got {loss_type!r}")
@@ -163,6 +168,11 @@ def policy_loss(
         pg_losses = -advantages * logprobs
 
     token_losses = pg_losses
+    if token_weights is not None:
+        if token_weights.shape != logprobs.shape:
+            raise ValueError(f"token_weights {tuple(token_weights.shape)} must have the [batch, seq] shape "
+                             f"{tuple(logprobs.shape)}")
+        token_losses = token_losses * token_weights.detach().to(compute_dtype)
     kl_ref = None
     if ref_logprobs is not None:
         kl_ref = kl_k3(logprobs, ref_logprobs.to(compute_dtype))

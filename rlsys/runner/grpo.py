@@ -49,7 +49,8 @@ TRAIN_METRICS = {"policy_loss": "train/policy_loss", "entropy": "train/entropy_l
                  "grad_norm": "train/grad_norm", "lr": "train/lr", "early_stopped": "train/early_stopped",
                  "skipped_nonfinite": "train/skipped_nonfinite", "optimizer_steps": "train/optimizer_steps",
                  "skipped_overflow": "train/skipped_overflow", "loss_scale": "train/loss_scale",
-                 "logprob_mismatch": "train/logprob_mismatch"}
+                 "logprob_mismatch": "train/logprob_mismatch", "is_weight_mean": "train/is_weight_mean",
+                 "is_weight_max": "train/is_weight_max", "is_clipped_fraction": "train/is_clipped_fraction"}
 
 
 def process_age_s() -> float:

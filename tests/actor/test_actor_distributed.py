@@ -19,6 +19,9 @@
 - Non-finite: NaN advantages (a real input) must skip the optimizer step (weights unchanged),
   be counted, and after ``max_consecutive_nonfinite`` skips in a row raise a clear error; a good
   step in between resets the count.
+- Off-policy correction: weights applied in the actor's loss must scale it as computed by hand
+  (engine log-probs ln 2 below the actor's double the loss and gradients under tis; a mis band
+  that excludes the ratio zeroes them), at TP1 and TP2.
 - Real weights: SmolLM2-135M-Instruct (30 layers, 9 heads / 3 KV heads) gives HF's log-probs
   and runs a train step that changes its weights.
 
@@ -29,6 +32,7 @@ resharding, early stop, non-finite), and a fresh world 1 (resume, SmolLM2).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -138,6 +142,19 @@ def _update_logprobs_check(settings: dict[str, Any], model_dir: str) -> dict[str
     separate_grads = gradients(actor)
     fused = actor.forward_backward(batch)
     fused_grads = gradients(actor)
+    # Off-policy correction through the real actor: engine log-probs ln 2 below the actor's make
+    # every token's weight 2 (under tis' truncation at 3), so the loss and gradients double; a mis
+    # band that excludes 2 masks every token out.
+    uncorrected = actor.algorithm
+    behind = batch.with_behaviour_logprobs([lp - math.log(2.0) for lp in recomputed.old_logprobs])
+    actor.algorithm = dataclasses.replace(uncorrected, off_policy_correction="tis", correction_high=3.0)
+    tis = actor.forward_backward(behind)
+    tis_grads = gradients(actor)
+    actor.algorithm = dataclasses.replace(uncorrected, off_policy_correction="mis", correction_low=0.5,
+                                          correction_high=1.5)
+    mis = actor.forward_backward(behind)
+    mis_grads = gradients(actor)
+    actor.algorithm = uncorrected
     fused_step = actor.train_step(batch, rollout_logprobs=recomputed.old_logprobs)
     fused_after = actor.compute_logprobs(batch).logprobs
     actor.close()
@@ -151,6 +168,9 @@ def _update_logprobs_check(settings: dict[str, Any], model_dir: str) -> dict[str
         "grad_scale": max(a.abs().max().item() for a in separate_grads),
         "steps": (separate_step, fused_step),
         "after_difference": max_abs_diff(separate_after, fused_after),
+        "tis": (fused["policy_loss"], tis["policy_loss"],
+                max((2.0 * a - b).abs().max().item() for a, b in zip(fused_grads, tis_grads))),
+        "mis": (mis["policy_loss"], max(g.abs().max().item() for g in mis_grads)),
     }
 
 
@@ -527,3 +547,7 @@ def test_old_logprobs_from_the_update_give_the_recomputed_loss_and_gradients(
         # The engine's log-probs here are the recomputed ones: no mismatch either way.
         assert fused_step["logprob_mismatch"] < 1e-6 and separate_step["logprob_mismatch"] < 1e-6
         assert report["after_difference"] < LOGPROB_TOLERANCE
+        fused_loss, tis_loss, tis_grad_difference = report["tis"]
+        assert abs(tis_loss - 2.0 * fused_loss) < LOSS_TOLERANCE
+        assert tis_grad_difference < 1e-6 * max(1.0, report["grad_scale"])
+        assert report["mis"] == (0.0, 0.0)
