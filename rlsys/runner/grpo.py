@@ -1,4 +1,4 @@
-"""The GRPO loop: one step is rollout -> reward -> advantages -> update (old log-probs first) -> weight sync.
+"""The GRPO loop: one step is rollout -> reward -> advantages -> update -> weight sync.
 
     result = train_from_config("smollm2-135m-grpo-cpu", ["runner.total_steps=4"])
 
@@ -6,8 +6,15 @@ Choices, and what must stay true:
 - Order within a step: metrics (and validation, when due) are logged before the checkpoint is
   saved, so a resumed run, which purges event-file steps after its checkpoint, loses nothing it
   cannot replay.
-- Sampling seed of step ``s``: derived from ``(runner.seed, s)``, so the same step of a resumed
-  run asks the engine for the same samples. Engines that honour it (HF; SGLang with deterministic
+- Rollouts come from ``rlsys.runner.rollouts``: generated when the step asks for them
+  (``rollout.max_staleness = 0``), or by a producer thread ahead of the trainer, each token
+  versioned, at most ``max_staleness`` weight versions old when trained on. A weight sync holds
+  the engine lock, so no generation segment runs during one.
+- Dynamic sampling with refill (``algorithm.max_refill_rounds``): while the group filter leaves
+  fewer than ``prompts_per_step`` groups, the step takes another batch (counted in
+  ``rollout/refill_rounds``); groups beyond ``prompts_per_step`` are left out.
+- Sampling seed of batch ``b`` (the ``b``-th batch taken; step ``b``'s without refills): derived
+  from ``(runner.seed, b)``, so the same batch of a resumed run asks the engine for the same samples. Engines that honour it (HF; SGLang with deterministic
   inference on GPU) then reproduce a run exactly; SGLang on CPU samples from its scheduler's own
   generator, seeded once at start.
 - Weights: the engine starts from the model's HF weights, which are the actor's only on a fresh
@@ -16,6 +23,8 @@ Choices, and what must stay true:
   same ``rlsys.eval`` code and reward as ``rlsys eval``: before the first step, every
   ``runner.val_interval`` steps and after the last.
 - A step whose every group the filter dropped trains on nothing and skips the sync.
+- Timestamps (seconds since the trainer started): ``time/generation_start``/``_end`` of the step's
+  first batch and ``time/train_start``/``_end``, so overlap can be read from the event files.
 - Memory when colocated on GPU: the engines release theirs for the train phase; with
   ``actor.offload`` the actor's state lives on the host from the end of each sync until the next
   train phase (RLinf's order), so the engines generate with the whole GPU.
@@ -23,6 +32,7 @@ Choices, and what must stay true:
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,8 +51,9 @@ from rlsys.models.shapes import check_model_layout
 from rlsys.reward.pool import RewardPool
 from rlsys.rollout.base import SamplingParams, derive_seed
 from rlsys.runner import checkpoints
-from rlsys.runner.batch import build_train_batch
+from rlsys.runner.batch import build_train_batch, groups_with_signal
 from rlsys.runner.metrics import MetricsLogger, check_loggers, console
+from rlsys.runner.rollouts import AsyncRollouts, EngineWeights, Rollout, SyncRollouts, generate_versioned
 
 TRAIN_METRICS = {"policy_loss": "train/policy_loss", "entropy": "train/entropy_loss", "ratio": "train/ratio",
                  "clip_fraction": "train/clip_fraction", "approx_kl": "train/approx_kl",
@@ -88,13 +99,16 @@ class GRPOTrainer:
         check_loggers(run.runner)
         self.run, self.output_dir = run, Path(run.runner.output_dir)
         tokenizer = load_tokenizer_for(run.model)
+        self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+        self.started_at = time.time()
         self.batches = PromptBatches.from_config(load_train_prompts(run.data, tokenizer, base=REPO_ROOT),
                                                  run.runner.prompts_per_step, run.data)
         self.val_prompts = list(load_val_prompts(run.data, tokenizer, base=REPO_ROOT))
         self.val_prompts = self.val_prompts[:run.runner.val_max_prompts or None]
         self.resumed_from = checkpoints.resume_point(self.output_dir / "checkpoints", run.runner.resume,
                                                      run.runner.resume_dir)
-        self.step, self.times = 0, {}
+        self.step, self.times, self.batches_taken = 0, {}, 0
+        self.weights, self.rollouts = EngineWeights(), None
         self.started_ray = not ray.is_initialized()
         self.reward, self.cluster, self.logger = RewardPool(run.reward).__enter__(), None, None
         console(f"writing to {self.output_dir}/; worker logs in {log_dir(self.output_dir)}/")
@@ -106,6 +120,8 @@ class GRPOTrainer:
                     f"{up['actor_build']:.1f} s, engine started in {up['engine_start']:.1f} s, in parallel)")
             if self.resumed_from is not None:
                 self.resume(self.resumed_from)
+            self.data_state = self.batches.state_dict()
+            self.rollouts = self.start_rollouts()
             self.actor.offload()
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self.logger = MetricsLogger(run.runner, self.output_dir, to_dict(run), start_step=self.step,
@@ -122,11 +138,19 @@ class GRPOTrainer:
         self.actor.load(str(directory))
         state = checkpoints.read_trainer_state(directory)
         self.step = state["step"]
+        self.batches_taken = state.get("batches_taken", self.step)
         self.batches.load_state_dict(state["data"])
         self.actor.sync_weights()
+        self.weights.version = self.step
         position = self.batches.state_dict()
         console(f"resumed from {directory} (step {self.step}, data epoch {position['epoch']} "
                 f"offset {position['offset']})")
+
+    def start_rollouts(self) -> SyncRollouts | AsyncRollouts:
+        if self.run.rollout.max_staleness == 0:
+            return SyncRollouts(self.generate_batch, self.next_prompts, first_batch_number=self.batches_taken)
+        return AsyncRollouts(self.generate_batch, self.next_prompts, ahead=self.run.rollout.max_staleness,
+                             first_batch_number=self.batches_taken, timeout_s=self.run.rollout.timeout_s)
 
     def fit(self) -> TrainResult:
         runner = self.run.runner
@@ -147,29 +171,87 @@ class GRPOTrainer:
         """One GRPO step, one role per line."""
         self.times = {}
         with self.timed("step"):
-            prompts = self.batches.next_batch()
-            with self.timed("rollout"):
-                samples = self.rollout.generate([list(p.token_ids) for p in prompts], self.sampling(step))
-            with self.timed("reward"):
-                scored = self.reward.score_batch([s.response_text for s in samples],
-                                                 [list(prompts[s.prompt_index].answers) for s in samples])
-            train = build_train_batch(prompts, samples, scored.scores, group_size=self.run.rollout.n_samples,
-                                      max_new_tokens=self.run.rollout.max_new_tokens, algorithm=self.run.algorithm)
-            metrics = dict(train.metrics)
+            prompts, samples, scores, versions, metrics = self.collect(step)
+            train = build_train_batch(prompts, samples, scores, group_size=self.run.rollout.n_samples,
+                                      max_new_tokens=self.run.rollout.max_new_tokens, algorithm=self.run.algorithm,
+                                      token_versions=versions)
+            metrics |= train.metrics
             if train.batch is not None:
+                metrics["time/train_start"] = time.time() - self.started_at
                 with self.timed("train"):
                     self.rollout.release_memory()
                     self.actor.reload()
                     updated = self.actor.train_step(train.batch, train.rollout_logprobs)
                     self.rollout.resume_memory()
+                metrics["time/train_end"] = time.time() - self.started_at
                 metrics |= {TRAIN_METRICS[k]: v for k, v in updated.items() if k in TRAIN_METRICS}
-                with self.timed("sync"):
+                with self.timed("sync"), self.weights.lock:
                     metrics |= self.actor.sync_weights()
                 self.actor.offload()
+            self.weights.version = step  # unchanged weights (nothing trained) are this step's too
         metrics |= {f"time/{phase}": seconds for phase, seconds in self.times.items()}
         metrics["throughput/tokens_per_s"] = metrics["rollout/tokens"] / metrics["time/step"]
-        metrics["reward/timeouts"], metrics["reward/crashes"] = float(scored.n_timeout), float(scored.n_crash)
         return metrics
+
+    def collect(self, step: int) -> tuple[list, list, list[float], list[list[int]], dict[str, float]]:
+        """This step's groups: the next batch, and more while the group filter leaves fewer than
+        ``prompts_per_step`` (``algorithm.max_refill_rounds``), without groups older than
+        ``rollout.max_staleness`` versions."""
+        algorithm, group, wanted = self.run.algorithm, self.run.rollout.n_samples, self.run.runner.prompts_per_step
+        prompts, samples, scores, versions = [], [], [], []
+        dropped = timeouts = crashes = generation_s = kept = refills = 0
+        window_start = self.weights.version - self.run.rollout.max_staleness
+        for refill in range(algorithm.max_refill_rounds + 1):
+            with self.timed("rollout"):
+                rollout = self.rollouts.take()
+            if refill == 0:
+                first = rollout
+            refills, generation_s = refill, generation_s + rollout.generation_s
+            with self.timed("reward"):
+                scored = self.reward.score_batch([s.response_text for s in rollout.samples],
+                                                 [list(rollout.prompts[s.prompt_index].answers) for s in rollout.samples])
+            timeouts, crashes = timeouts + scored.n_timeout, crashes + scored.n_crash
+            signal = groups_with_signal(rollout.samples, scored.scores, group_size=group,
+                                        max_new_tokens=self.run.rollout.max_new_tokens, algorithm=algorithm)
+            oldest = rollout.oldest_versions()
+            for g, prompt in enumerate(rollout.prompts):
+                members = range(g * group, (g + 1) * group)
+                if any(oldest[i] < window_start for i in members):
+                    dropped += group
+                    continue
+                if kept >= wanted:
+                    continue  # the batch is full: a refill's extra groups are left out
+                kept += signal[g]
+                for i in members:
+                    samples.append(dataclasses.replace(rollout.samples[i], prompt_index=len(prompts)))
+                    scores.append(scored.scores[i])
+                    versions.append(rollout.token_versions[i])
+                prompts.append(prompt)
+            self.data_state = rollout.data_state
+            self.batches_taken += 1
+            if not algorithm.filter_zero_variance_groups or kept >= wanted:
+                break
+        staleness = [self.weights.version - min(v) for v in versions if v]
+        metrics = {"rollout/staleness_mean": sum(staleness) / len(staleness) if staleness else 0.0,
+                   "rollout/staleness_max": float(max(staleness, default=0)),
+                   "rollout/dropped_stale": float(dropped), "rollout/refill_rounds": float(refills),
+                   "reward/timeouts": float(timeouts), "reward/crashes": float(crashes),
+                   "time/generation": generation_s,
+                   "time/generation_start": first.started - self.started_at,
+                   "time/generation_end": first.finished - self.started_at}
+        return prompts, samples, scores, versions, metrics
+
+    def generate_batch(self, prompts: list, batch_number: int, data_state: dict[str, int]) -> Rollout:
+        """One batch of prompts through the engines, each token versioned (``rlsys.runner.rollouts``)."""
+        started = time.time()
+        samples, versions, busy = generate_versioned(
+            self.rollout, [list(p.token_ids) for p in prompts], self.sampling(batch_number), weights=self.weights,
+            segment_tokens=self.run.rollout.partial_rollout_tokens, decode=self.decode)
+        return Rollout(prompts, samples, versions, data_state, started, time.time(), busy)
+
+    def next_prompts(self) -> tuple[list, dict[str, int]]:
+        prompts = self.batches.next_batch()
+        return prompts, self.batches.state_dict()
 
     def validate(self, step: int) -> dict[str, float]:
         if not self.val_prompts:
@@ -183,9 +265,10 @@ class GRPOTrainer:
         return {"val/rewards": result.summary["mean_reward"], "val/accuracy": result.summary["accuracy"],
                 "time/validation": self.times.pop("validation")}
 
-    def sampling(self, step: int) -> SamplingParams:
+    def sampling(self, batch_number: int) -> SamplingParams:
+        """Batch ``b`` (1, 2, ...; the batch of step ``b`` without refills) samples with seed ``(seed, b)``."""
         rollout = self.run.rollout
-        seed = derive_seed(self.run.runner.seed, step)
+        seed = derive_seed(self.run.runner.seed, batch_number)
         return SamplingParams(temperature=rollout.temperature, top_p=rollout.top_p,
                               max_new_tokens=rollout.max_new_tokens, n=rollout.n_samples, seed=seed)
 
@@ -206,8 +289,8 @@ class GRPOTrainer:
         self.actor.reload()  # an offloaded actor saves from the device, as it trained
         self.actor.save(str(directory))
         self.actor.offload()
-        checkpoints.write_trainer_state(directory, {"step": self.step, "data": self.batches.state_dict(),
-                                                    "config": to_dict(self.run)})
+        checkpoints.write_trainer_state(directory, {"step": self.step, "data": self.data_state,
+                                                    "batches_taken": self.batches_taken, "config": to_dict(self.run)})
         checkpoints.mark_complete(directory)
         checkpoints.prune(root, self.run.runner.keep_last_checkpoints)
 
@@ -219,9 +302,11 @@ class GRPOTrainer:
         try:
             yield
         finally:
-            self.times[phase] = time.perf_counter() - started
+            self.times[phase] = self.times.get(phase, 0.0) + time.perf_counter() - started
 
     def close(self) -> None:
+        if self.rollouts is not None:
+            self.rollouts.close()
         if self.logger is not None:
             self.logger.close()
         if self.cluster is not None:

@@ -9,6 +9,8 @@ Against HF transformers on the same tiny checkpoint (fp32, CPU):
 - new weights sent with update_weights_from_tensor, or broadcast over gloo with
   update_weights_from_distributed, give HF's greedy output for those weights (which the old weights
   do not give); update_weights_from_disk and a second broadcast bring the old output back;
+- partial rollout: responses continued across a weight update carry both versions, and each
+  token's log-prob is that of the model of its version given the whole prefix (HF);
 - a call that exceeds its timeout raises and the engine serves the next call; after its scheduler
   is killed, calls and health checks raise within their timeouts and shutdown leaves no process;
 - the trainer process never imports sglang (nor the CPU stand-ins).
@@ -207,6 +209,54 @@ def _gloo_group_as_rank0(host: str, port: int, world_size: int, group_name: str)
     return dist.ProcessGroupGloo(prefixed, 0, world_size, timeout)
 
 
+def test_partial_rollout_continues_with_the_new_weights(engine: SGLangEngine, tiny_model_dir: Path,
+                                                        tokenizer: PreTrainedTokenizerBase,
+                                                        prompt_ids: list[list[int]],
+                                                        new_weights: tuple[dict[str, torch.Tensor], list[list[int]]]):
+    """A weight update between two segments (``rlsys.runner.rollouts``): the responses continue
+    from prompt + tokens so far, the later tokens carry the new version, and their log-probs are
+    the NEW model's given the whole prefix (HF reference), the earlier ones the old model's."""
+    from rlsys.runner.rollouts import EngineWeights, generate_versioned
+
+    new_state, _ = new_weights
+    old_model, new_model = HFEngine(tiny_model_dir).model, HFEngine(tiny_model_dir)
+    new_model.load_state_dict(new_state)
+    weights, calls = EngineWeights(version=3), []
+
+    class UpdatedAfterTheFirstSegment:
+        def generate(self, ids: list[list[int]], params: SamplingParams) -> list[Sample]:
+            samples = engine.generate(ids, params)
+            calls.append(params.max_new_tokens)
+            if len(calls) == 1:  # the trainer's sync, between segments 1 and 2
+                engine.update_weights_from_tensor(new_state.items())
+                weights.version = 4
+            return samples
+
+    params = SamplingParams(temperature=1.0, max_new_tokens=7, n=2, seed=5)
+    try:
+        samples, versions, busy = generate_versioned(UpdatedAfterTheFirstSegment(), prompt_ids[:3], params,
+                                                     weights=weights, segment_tokens=3, decode=tokenizer.decode)
+    finally:
+        engine.update_weights_from_disk(tiny_model_dir)
+    assert calls[:2] == [3, 3] and all(c <= 3 for c in calls) and busy > 0
+    assert [s.prompt_index for s in samples] == [0, 0, 1, 1, 2, 2]
+    partial = [i for i, v in enumerate(versions) if set(v) == {3, 4}]
+    assert partial, versions
+    worst = 0.0
+    for i, sample in enumerate(samples):
+        assert len(versions[i]) == len(sample.response_ids) == len(sample.logprobs) <= 7
+        assert versions[i] == sorted(versions[i]) and versions[i][:3] == [3] * min(3, len(versions[i]))
+        if i in partial:
+            assert sample.response_text == tokenizer.decode(sample.response_ids)
+        prompt = prompt_ids[sample.prompt_index]
+        old = reference_logprobs(old_model, prompt, sample.response_ids, 1.0)
+        new = reference_logprobs(new_model.model, prompt, sample.response_ids, 1.0)
+        for version, got, o, n in zip(versions[i], sample.logprobs, old, new):
+            worst = max(worst, abs(got - (o if version == 3 else n)))
+    print(f"partial responses {len(partial)}/{len(samples)}; max |logprob - hf of its version| {worst:.2e}")
+    assert worst < LOGPROB_TOLERANCE
+
+
 def test_release_and_resume_memory_are_no_ops_on_cpu(engine: SGLangEngine, prompt_ids: list[list[int]]) -> None:
     before = _ids(engine.generate(prompt_ids[:2], GREEDY))
     engine.release_memory()
@@ -245,3 +295,4 @@ def test_killed_scheduler_raises_instead_of_hanging(engine: SGLangEngine, prompt
     assert not alive, [p.pid for p in alive]
     with pytest.raises(RolloutEngineError, match="shut down"):
         engine.generate(prompt_ids, GREEDY)
+
