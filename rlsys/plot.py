@@ -66,6 +66,14 @@ FIGURES: dict[str, tuple[Panel, ...]] = {
     ),
     "entropy": (_panel("train/entropy_loss", "entropy"),),
     "logprob_mismatch": (_panel("train/logprob_mismatch", "rollout vs actor logprob mismatch"),),
+    "async": (
+        Panel("staleness (versions)", (("rollout/staleness_mean", "-", "mean"), ("rollout/staleness_max", "--", "max"))),
+        _panel("rollout/partial_fraction", "partial responses (fraction)"),
+        Panel("samples dropped / refills", (("rollout/dropped_stale", "-", "dropped stale"),
+                                            ("rollout/refill_rounds", "--", "refill rounds"))),
+        Panel("importance weight", (("train/is_weight_mean", "-", "mean"), ("train/is_weight_max", "--", "max"))),
+        _panel("train/is_clipped_fraction", "tokens truncated or masked (fraction)"),
+    ),
     "time_per_phase": (
         _panel("time/rollout", "rollout (s)"),
         _panel("time/reward", "reward (s)"),

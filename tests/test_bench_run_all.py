@@ -95,3 +95,28 @@ def test_equal_wall_time_takes_the_latest_validation_done_by_then() -> None:
     e2e = run_all.e2e_rows({"table": bench_e2e_trl.summarize(rlsys, trl, steps=4)})
     assert all(row.baseline == "TRL GRPOTrainer" for row in e2e)
     assert any(row.metric.startswith("val accuracy at equal wall time") and row.rlsys == 0.3 for row in e2e)
+
+
+def test_async_benchmark_idle_shares_and_equal_wall_time_from_event_scalars() -> None:
+    """bench_async's figures by hand: step 1 is left out of the means; wall time sums time/step."""
+    import bench_async
+
+    def scalars(step_s: list[float], train: list[float], generation: list[float], val: dict[int, float]):
+        steps = range(1, len(step_s) + 1)
+        return {"time/step": dict(zip(steps, step_s)), "time/train": dict(zip(steps, train)),
+                "time/sync": {s: 1.0 for s in steps}, "time/generation": dict(zip(steps, generation)),
+                "rollout/staleness_max": {s: 0.0 for s in steps}, "rollout/partial_fraction": {s: 0.0 for s in steps},
+                "rollout/dropped_stale": {s: 0.0 for s in steps}, "val/accuracy": val}
+
+    sync = bench_async.summarize_run(0, scalars([30, 20, 20, 20], [9, 9, 9, 9], [20, 10, 10, 10],
+                                                {0: 0.3, 2: 0.4, 4: 0.5}), 100.0)
+    overlapped = bench_async.summarize_run(1, scalars([30, 10, 10, 10], [9, 9, 9, 9], [20, 10, 9, 10],
+                                                      {0: 0.3, 2: 0.45, 4: 0.5}), 70.0)
+    assert sync["step_s"] == 20 and overlapped["step_s"] == 10
+    assert sync["actor_idle"] == pytest.approx(0.5) and overlapped["actor_idle"] == pytest.approx(0.0)
+    assert sync["engine_idle"] == pytest.approx(0.5) and overlapped["engine_idle"] == pytest.approx(1 / 30)
+    rows = {row["eta"]: row for row in bench_async.table([sync, overlapped])}
+    assert rows[1]["step_ratio"] == 0.5 and rows[1]["val_ratio"] == 1.0
+    # Equal wall time is the overlapped run's 60 s: its step-4 value, against sync's step 2 (50 s).
+    assert rows[1]["equal_wall_s"] == 60 and rows[1]["val_at_equal_wall"] == 0.5
+    assert rows[0]["val_at_equal_wall"] == 0.4 and rows[1]["val_at_equal_wall_ratio"] == pytest.approx(1.25)

@@ -21,6 +21,8 @@ TAGS = [
     "rollout/advantages_min", "train/policy_loss", "train/entropy_loss", "train/ratio", "train/clip_fraction",
     "train/approx_kl", "train/grad_norm", "train/lr", "train/early_stopped", "train/logprob_mismatch",
     "time/rollout", "time/reward", "time/train", "time/sync", "time/step", "throughput/tokens_per_s",
+    "rollout/staleness_mean", "rollout/staleness_max", "rollout/partial_fraction", "rollout/dropped_stale",
+    "rollout/refill_rounds", "train/is_weight_mean", "train/is_weight_max", "train/is_clipped_fraction",
 ]
 VAL_TAGS = ["val/rewards", "val/accuracy"]
 STEPS = 6

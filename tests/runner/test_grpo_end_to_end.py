@@ -19,6 +19,8 @@ REQUIRED_SCALARS = (
     "train/grad_norm", "train/lr", "train/early_stopped", "train/logprob_mismatch",
     "time/rollout", "time/reward", "time/train", "time/sync", "time/step", "throughput/tokens_per_s",
     "val/rewards", "val/accuracy",
+    "rollout/staleness_mean", "rollout/staleness_max", "rollout/partial_fraction", "rollout/dropped_stale",
+    "rollout/refill_rounds", "time/generation",
 )
 
 
