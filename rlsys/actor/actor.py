@@ -65,7 +65,9 @@ Choices, and what must stay true:
   proximal policy, and each token's policy term is weighted by ``rlsys.algorithms.off_policy``'s
   weights of them against the engine's (``rollout_logprobs``, required then). The update's own
   detached log-probs serve as the proximal ones too: on-policy in one minibatch they are exactly
-  what a separate pass gives. ``is_weight_max`` is a max over all ranks, not a token mean.
+  what a separate pass gives. ``is_weight_max`` is a max over all ranks, not a token mean. The
+  ``is_weight_*`` metrics are reported whenever the engine's log-probs come with the batch, a
+  correction or not (``off_policy_correction=none`` weights every token 1).
 - Metrics are token-weighted over all trained microbatches of the step and equal on all ranks.
 """
 
@@ -274,12 +276,15 @@ class MegatronActor:
             raise ValueError("train_step needs advantages")
         if self.algorithm.kl_coef > 0 and batch.ref_logprobs is None:
             raise ValueError("algorithm.kl_coef > 0 needs ref_logprobs in the batch")
-        correction = self.algorithm.off_policy_correction != "none"
-        if correction:
+        if self.algorithm.off_policy_correction != "none":
             if rollout_logprobs is None:
                 raise ValueError(f"algorithm.off_policy_correction={self.algorithm.off_policy_correction} needs the "
                                  "engine's log-probs (rollout_logprobs)")
             batch = batch.with_behaviour_logprobs(rollout_logprobs)
+        elif rollout_logprobs is not None and all(
+                lp.numel() == r.numel() for lp, r in zip(rollout_logprobs, batch.response_ids, strict=True)):
+            batch = batch.with_behaviour_logprobs(rollout_logprobs)  # for the is_weight metrics only
+        weighed = batch.behaviour_logprobs is not None
         if batch.old_logprobs is None:
             if not self.actor.recompute_old_logprobs:
                 if rollout_logprobs is None:
@@ -349,7 +354,7 @@ class MegatronActor:
         )
         mismatch = {} if rollout_logprobs is None else {
             "logprob_mismatch": sequence_logprob_mismatch(rollout_logprobs, old_logprobs)}
-        if correction:
+        if weighed:
             mismatch |= {"is_weight_mean": token_mean("is_weight_sum"), "is_weight_max": totals[_MAX_STAT].item(),
                          "is_clipped_fraction": token_mean("is_clipped_sum")}
         return mismatch | {
@@ -440,6 +445,8 @@ class MegatronActor:
                 mode=algorithm.off_policy_correction, level=algorithm.correction_level,
                 low=algorithm.correction_low, high=algorithm.correction_high,
             )
+            if algorithm.off_policy_correction == "none":
+                weights = None  # the metrics only
         loss, metrics = policy_loss(
             logprobs,
             old_logprobs,

@@ -305,6 +305,7 @@ class GRPOTrainer:
             self.times[phase] = self.times.get(phase, 0.0) + time.perf_counter() - started
 
     def close(self) -> None:
+        self.weights.closing.set()
         if self.rollouts is not None:
             self.rollouts.close()
         if self.logger is not None:

@@ -19,6 +19,8 @@ Choices, and what must stay true:
   pause mode does; ``in_place`` would keep the old weights' KV for the tokens so far.
 - Texts: a response generated in one segment keeps the engine's text; one continued across
   segments is decoded from its token ids, so no character is split at a segment boundary.
+- Closing: once ``EngineWeights.closing`` is set no further segment starts, so a producer stops
+  after the segment in flight instead of finishing its batch.
 - Checkpoints: the data position saved is the one after the last batch the trainer TOOK. Batches
   generated ahead and not yet taken are not saved: a resumed run generates them again from that
   position, with the checkpoint's weights.
@@ -38,12 +40,18 @@ from rlsys.data.dataset import Prompt
 from rlsys.rollout.base import Sample, SamplingParams, derive_seed
 
 
+class RolloutCancelled(Exception):
+    """The run is closing: no further generation segment starts."""
+
+
 @dataclass
 class EngineWeights:
-    """The engines' weight version, and the lock that a generation segment and a weight update take."""
+    """The engines' weight version, the lock that a generation segment and a weight update take,
+    and the flag that stops further segments when the run closes."""
 
     version: int = 0
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    closing: threading.Event = dataclasses.field(default_factory=threading.Event)
 
 
 @dataclass
@@ -80,6 +88,8 @@ def generate_versioned(engine: Any, prompt_ids: Sequence[Sequence[int]], params:
 
     def run(ids: list[list[int]], call_params: SamplingParams) -> tuple[list[Sample], int]:
         nonlocal busy
+        if weights.closing.is_set():
+            raise RolloutCancelled
         with weights.lock:
             version, started = weights.version, time.perf_counter()
             samples = engine.generate(ids, call_params)
@@ -168,6 +178,8 @@ class AsyncRollouts:
                 prompts, state = self.next_prompts()
                 self.batch_number += 1
                 rollout = self.generate(prompts, self.batch_number, state)
+            except RolloutCancelled:
+                return
             except BaseException as error:  # handed to the trainer, which raises it
                 self.ready.put(error)
                 return

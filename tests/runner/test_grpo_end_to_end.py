@@ -20,7 +20,8 @@ REQUIRED_SCALARS = (
     "time/rollout", "time/reward", "time/train", "time/sync", "time/step", "throughput/tokens_per_s",
     "val/rewards", "val/accuracy",
     "rollout/staleness_mean", "rollout/staleness_max", "rollout/partial_fraction", "rollout/dropped_stale",
-    "rollout/refill_rounds", "time/generation",
+    "rollout/refill_rounds", "time/generation", "train/is_weight_mean", "train/is_weight_max",
+    "train/is_clipped_fraction",
 )
 
 

@@ -10,7 +10,15 @@ import time
 
 import pytest
 
-from rlsys.runner.rollouts import AsyncRollouts, Rollout, SyncRollouts
+from rlsys.rollout.base import Sample, SamplingParams
+from rlsys.runner.rollouts import (
+    AsyncRollouts,
+    EngineWeights,
+    Rollout,
+    RolloutCancelled,
+    SyncRollouts,
+    generate_versioned,
+)
 
 
 class Recorder:
@@ -90,3 +98,18 @@ def test_sync_rollouts_generate_on_take_and_number_the_batches() -> None:
     assert rollouts.take().data_state["offset"] == 1 and recorder.started == [3]
     rollouts.take()
     assert recorder.started == [3, 4]
+
+
+def test_a_closing_run_starts_no_further_segment() -> None:
+    weights, calls = EngineWeights(), []
+
+    class OneTokenAtATime:
+        def generate(self, ids: list[list[int]], params: SamplingParams) -> list[Sample]:
+            calls.append(len(ids))
+            weights.closing.set()  # the trainer closes while this segment runs
+            return [Sample(i, [7], "x", [-0.5], "length") for i in range(len(ids))]
+
+    with pytest.raises(RolloutCancelled):
+        generate_versioned(OneTokenAtATime(), [[1, 2]], SamplingParams(max_new_tokens=8, n=2), weights=weights,
+                           segment_tokens=1, decode=str)
+    assert calls == [1]
