@@ -5,6 +5,7 @@ SGLang engine on a core of its own, the Megatron actor on the other, tensorboard
 - a sample trained more than ``rollout.max_staleness`` weight versions after it was generated;
 - partial rollout never happens, or a weight update waits for the whole batch;
 - a metric of the asynchronous loop or the off-policy correction missing from the event files;
+- a resumed asynchronous run fails, or trains on samples from before its checkpoint;
 - dynamic sampling's refill does not take more batches when the group filter leaves a step short.
 """
 
@@ -36,11 +37,12 @@ def _train(overrides: list[str]) -> subprocess.CompletedProcess[str]:
 @pytest.mark.slow
 def test_async_run_overlaps_bounds_staleness_and_continues_partial_responses(tiny_model_dir, prompt_files, tmp_path):
     output = tmp_path / "run"
-    result = _train(loop_overrides(tiny_model_dir, prompt_files, output, **{
+    settings = {
         "rollout.engine": "sglang", "cluster.placement": "disaggregated", "cluster.devices_per_node": 2,
         "cluster.rollout_devices": 1, "rollout.max_staleness": 1, "rollout.partial_rollout_tokens": 1,
         "rollout.max_new_tokens": 40, "rollout.n_samples": 4, "runner.total_steps": STEPS,
-        "runner.save_interval": STEPS, "algorithm.off_policy_correction": "tis"}))
+        "runner.save_interval": STEPS, "algorithm.off_policy_correction": "tis"}
+    result = _train(loop_overrides(tiny_model_dir, prompt_files, output, **settings))
     assert result.returncode == 0, result.stderr[-4000:]
     scalars = read_event_scalars(output)
     missing = [tag for tag in ASYNC_SCALARS if tag not in scalars]
@@ -58,6 +60,17 @@ def test_async_run_overlaps_bounds_staleness_and_continues_partial_responses(tin
     assert all(scalars["train/is_weight_max"][k] >= scalars["train/is_weight_mean"][k] > 0 for k in steps)
     state = json.loads((output / "checkpoints" / f"step_{STEPS:08d}" / TRAINER_STATE).read_text())
     assert state["step"] == STEPS and state["batches_taken"] == STEPS
+
+    # A resumed asynchronous run: the batches generated ahead were not saved; it generates from
+    # the saved data position with the checkpoint's weights and keeps the bound.
+    resumed = _train(loop_overrides(tiny_model_dir, prompt_files, output,
+                                    **{**settings, "runner.total_steps": STEPS + 2, "runner.val_interval": 0}))
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"resumed from {output / 'checkpoints' / f'step_{STEPS:08d}'} (step {STEPS}," in resumed.stderr
+    scalars = read_event_scalars(output)
+    assert {STEPS + 1, STEPS + 2} <= set(scalars["rollout/staleness_max"])
+    assert scalars["rollout/staleness_max"][STEPS + 1] == 0  # the first batch after a resume is fresh
+    assert scalars["rollout/staleness_max"][STEPS + 2] <= 1
 
 
 @pytest.mark.slow
