@@ -46,15 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def read_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    """``{tag: {step: value}}`` of a run's event files (``rlsys plot``'s reader)."""
+    from rlsys.plot import read_scalars as read_run
 
-    scalars: dict[str, dict[int, float]] = {}
-    for events in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")):
-        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        accumulator.Reload()
-        for tag in accumulator.Tags()["scalars"]:
-            scalars.setdefault(tag, {}).update({e.step: e.value for e in accumulator.Scalars(tag)})
-    return scalars
+    return {tag: dict(points) for tag, points in read_run(run_dir).items()}
 
 
 def run_setting(eta: int, args: argparse.Namespace) -> dict[str, Any]:
