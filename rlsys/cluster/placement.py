@@ -21,7 +21,8 @@ Choices, and what must stay true:
   ``cluster.start_timeout_s`` and names what did not come up.
 - ``cluster.ray_address=local`` starts a private Ray for this run, sized to the config (on CPU
   the logical CPU count is the device count, whatever the machine has: a CPU device is a
-  process, not a core). An already-initialised Ray in this process is used as it is.
+  process, not a core), even when another Ray runs on the machine; ``auto`` joins that one. An
+  already-initialised Ray in this process is used as it is.
 - On GPU every worker sees all GPUs of its node (``RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES``)
   and is told the node-local index of its device's GPU, so that the actor rank and the engine
   sharing a GPU name it by the same index (the CUDA IPC handles of colocated sync carry it).
@@ -137,7 +138,9 @@ def start_ray(run: RunConfig, layout: Layout) -> None:
         if address == "local":
             # On GPU Ray counts the GPUs itself; a CPU device is a logical CPU (one spare for tasks).
             resources = {"num_cpus": layout.total_devices + 1} if layout.device == "cpu" else {}
-            ray.init(include_dashboard=False, **resources, **common)
+            # address="local" always starts a new instance: without it ray.init joins a Ray that
+            # `ray start` left on this machine (or a stale ray_current_cluster file points to).
+            ray.init(address="local", include_dashboard=False, **resources, **common)
         else:
             ray.init(address=address, **common)
     check_resources(layout, ray.cluster_resources())
