@@ -44,15 +44,16 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     SECTION: ClassVar[str] = "data"
+    OVERLONG_PROMPTS: ClassVar[tuple[str, ...]] = ("drop", "truncate", "error")
 
     train_files: list[str] = field(default_factory=lambda: ["examples/reasoning/data/arithmetic_train.jsonl"])
     """JSONL files of training prompts (Boba format: prompt, solutions)."""
     val_files: list[str] = field(default_factory=lambda: ["examples/reasoning/data/arithmetic_val.jsonl"])
     """JSONL files used for validation with the same reward."""
     prompt_key: str = "prompt"
-    """Key of the prompt: a string, or a list of chat messages ({role, content})."""
+    """Key of the prompt: a string, or a list of chat messages ({role, content}; roles system, user, assistant)."""
     answer_key: str = "solutions"
-    """Key of the reference answer(s): a string or a non-empty list of strings."""
+    """Key of the reference answer(s): a string or number, or a non-empty list of them (numbers kept as written)."""
     apply_chat_template: bool = True
     """Render prompts with the tokenizer's own chat template."""
     system_prompt: str | None = None
@@ -61,7 +62,19 @@ class DataConfig:
     """Template applied to string prompts before any chat template: a preset name from
     ``rlsys.data.templates`` (e.g. 'r1_zero', 'boxed') or a string containing '{prompt}'."""
     max_prompt_length: int = 1024
-    """Prompts longer than this many tokens are dropped (and counted) when the dataset loads."""
+    """Longest prompt in tokens, counted after the prompt and chat templates (see overlong_prompts)."""
+    overlong_prompts: str = "drop"
+    """What happens to a longer prompt: 'drop' (counted, printed at start and logged as
+    data/*_dropped_overlong), 'truncate' (keep its first and last max_prompt_length/2 tokens) or
+    'error' (stop, naming file:line). 'drop' is the default: a math problem cut short is another
+    problem with the same reference answer, so training on it rewards noise, and a few long
+    problems in a large public set should not stop a run."""
+    max_malformed_fraction: float = 0.01
+    """Malformed lines (bad JSON or UTF-8, wrong types, unknown roles, over max_line_bytes) are
+    dropped and counted while at most this fraction of a file's lines is bad; above it the file is
+    an error listing the first bad lines (a wrong key or format). 0 makes every bad line an error."""
+    max_line_bytes: int = 1 << 20
+    """Longest line of a data file in bytes (1 MiB); a longer one is a malformed line, skipped unread."""
     shuffle: bool = True
     """Shuffle training prompts each epoch with a seed derived from (seed, epoch)."""
     seed: int = 1
@@ -79,6 +92,13 @@ class DataConfig:
                 _fail(self.SECTION, key, "must be a non-empty key name")
         if self.max_prompt_length <= 0:
             _fail(self.SECTION, "max_prompt_length", f"must be positive, got {self.max_prompt_length}")
+        if self.overlong_prompts not in self.OVERLONG_PROMPTS:
+            _fail(self.SECTION, "overlong_prompts",
+                  f"must be one of {', '.join(self.OVERLONG_PROMPTS)}, got {self.overlong_prompts!r}")
+        if not 0 <= self.max_malformed_fraction < 1:
+            _fail(self.SECTION, "max_malformed_fraction", f"must be in [0, 1), got {self.max_malformed_fraction}")
+        if self.max_line_bytes <= 0:
+            _fail(self.SECTION, "max_line_bytes", f"must be positive, got {self.max_line_bytes}")
         if self.prompt_template is not None:
             from rlsys.data.templates import resolve_template
 

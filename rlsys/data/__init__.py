@@ -8,13 +8,14 @@ from rlsys.data.dataset import (
     load_val_prompts,
     render_prompt,
 )
-from rlsys.data.jsonl import DataError, Example, read_jsonl
+from rlsys.data.jsonl import DataError, Example, JsonlContents, read_examples, read_jsonl
 from rlsys.data.sampler import EpochBatchSampler, PromptBatches, epoch_order
 
 __all__ = [
     "DataError",
     "EpochBatchSampler",
     "Example",
+    "JsonlContents",
     "Prompt",
     "PromptBatches",
     "PromptDataset",
@@ -22,6 +23,7 @@ __all__ = [
     "load_prompts",
     "load_train_prompts",
     "load_val_prompts",
+    "read_examples",
     "read_jsonl",
     "render_prompt",
 ]

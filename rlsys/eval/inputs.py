@@ -11,15 +11,20 @@ Choices:
   ``solution`` comes last: the reward reads its last box). When none is there, the config's
   key is used and the reader names the line and the keys it has.
 - ``limit`` keeps the first problems of the file, after the overlong filter.
+- Benchmarks are read strictly: any malformed line (``rlsys.data.jsonl``) is an error, never
+  dropped as in training (``data.max_malformed_fraction``), because a score over a silently
+  smaller set reads as the benchmark's. Lines are read up to ``max_line_bytes`` (the reader's
+  1 MiB unless the caller passes another), and an empty file is an error naming it.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rlsys.data.dataset import PromptDataset, load_prompts
+from rlsys.data.jsonl import MAX_LINE_BYTES, first_object
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -37,25 +42,11 @@ def detect_keys(
     default_answer_key: str,
 ) -> tuple[str, str]:
     """(prompt key, answer key) of a file: explicit keys win, else the first line decides."""
-    first = _first_object(path)
+    first = first_object(path)  # {} when missing or malformed: the reader reports those with their lines
     return (
         prompt_key or _pick(first, (default_prompt_key, *PROMPT_KEYS), default_prompt_key),
         answer_key or _pick(first, (default_answer_key, *ANSWER_KEYS), default_answer_key),
     )
-
-
-def _first_object(path: Path) -> dict:
-    """The first non-blank line as an object; {} when it is missing or malformed (the reader
-    reports those with their line numbers)."""
-    try:
-        with path.open(encoding="utf-8-sig") as handle:
-            for line in handle:
-                if line.strip():
-                    record = json.loads(line)
-                    return record if isinstance(record, dict) else {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        pass
-    return {}
 
 
 def _pick(record: dict, candidates: tuple[str, ...], default: str) -> str:
@@ -73,11 +64,14 @@ def load_benchmark(
     prompt_template: str | None,
     max_prompt_length: int,
     limit: int | None = None,
+    max_line_bytes: int = MAX_LINE_BYTES,
 ) -> PromptDataset:
-    """The problems of one file (the first ``limit`` when given), rendered and tokenised."""
+    """The problems of one file (the first ``limit`` when given), rendered and tokenised; the
+    first malformed line is an error."""
     dataset = load_prompts([path], tokenizer, prompt_key=prompt_key, answer_key=answer_key,
                            apply_chat_template=apply_chat_template, system_prompt=system_prompt,
-                           prompt_template=prompt_template, max_prompt_length=max_prompt_length)
+                           prompt_template=prompt_template, max_prompt_length=max_prompt_length,
+                           max_malformed_fraction=0.0, max_line_bytes=max_line_bytes)
     if limit is None:
         return dataset
-    return PromptDataset(dataset.prompts[:limit], dataset.num_dropped_overlong, dataset.max_prompt_length)
+    return dataclasses.replace(dataset, prompts=dataset.prompts[:limit])

@@ -101,9 +101,11 @@ class GRPOTrainer:
         tokenizer = load_tokenizer_for(run.model)
         self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
         self.started_at = time.time()
-        self.batches = PromptBatches.from_config(load_train_prompts(run.data, tokenizer, base=REPO_ROOT),
-                                                 run.runner.prompts_per_step, run.data)
-        self.val_prompts = list(load_val_prompts(run.data, tokenizer, base=REPO_ROOT))
+        train_data = load_train_prompts(run.data, tokenizer, base=REPO_ROOT)
+        val_data = load_val_prompts(run.data, tokenizer, base=REPO_ROOT)
+        console(f"data: training {train_data.summary()}; validation {val_data.summary()}")
+        self.batches = PromptBatches.from_config(train_data, run.runner.prompts_per_step, run.data)
+        self.val_prompts = list(val_data)
         self.val_prompts = self.val_prompts[:run.runner.val_max_prompts or None]
         self.resumed_from = checkpoints.resume_point(self.output_dir / "checkpoints", run.runner.resume,
                                                      run.runner.resume_dir)
@@ -130,9 +132,11 @@ class GRPOTrainer:
             self.close()
             raise
         self.result = TrainResult(self.output_dir, resumed_from=self.resumed_from)
-        # Logged with the first record: from this process's start to here, and the workers' parts.
+        # Logged with the first record: from this process's start to here, the workers' parts, the data counts.
         self.startup_metrics = {"time/startup": process_age_s(),
-                                **{f"time/startup_{part}": s for part, s in self.cluster.startup_s.items()}}
+                                **{f"time/startup_{part}": s for part, s in self.cluster.startup_s.items()},
+                                **{f"data/{split}_{k}": n for split, d in (("train", train_data), ("val", val_data))
+                                   for k, n in d.counts().items()}}
 
     def resume(self, directory: Path) -> None:
         self.actor.load(str(directory))

@@ -48,8 +48,23 @@ def test_custom_keys(write_jsonl):
         ('{"prompt": [], "solutions": ["2"]}', "'prompt' is an empty list of messages"),
         ('{"prompt": [{"role": "user"}], "solutions": ["2"]}', r"prompt\[0\].content must be a string, got null"),
         ('{"prompt": ["hi"], "solutions": ["2"]}', r"prompt\[0\] must be an object"),
-        ('{"prompt": "1 + 1?", "solutions": {"a": "2"}}', "'solutions' must be a string or a list of strings, got obj"),
-        ('{"prompt": "1 + 1?", "solutions": [2.5]}', r"solutions\[0\] must be a string, got number 2.5"),
+        ('{"prompt": "1 + 1?", "solutions": {"a": "2"}}', "'solutions' must be a string, a number or a list of them, "
+                                                          "got object"),
+        ('{"prompt": "1 + 1?", "solutions": [true]}', r"solutions\[0\] must be a string or a number, got boolean"),
+        ('{"prompt": "1 + 1?", "solutions": ["3", 3, 3.0, null, {"a": 1}]}',
+         r"solutions\[3\] must be a string or a number, got null"),
+        ('{"prompt": "1 + 1?", "solutions": ["3", {"a": 1}]}', r"solutions\[1\] must be a string or a number, got obj"),
+        ('{"prompt": "1 + 1?", "solutions": [["2"]]}', r"solutions\[0\] must be a string or a number, got array"),
+        ('{"prompt": "1 + 1?", "solutions": [NaN]}', "invalid JSON: NaN is not a JSON number"),
+        ('{"prompt": "1 + 1?", "solutions": Infinity}', "invalid JSON: Infinity is not a JSON number"),
+        ('{"prompt": [{"role": "usr", "content": "1 + 1?"}], "solutions": ["2"]}',
+         r"prompt\[0\].role is 'usr'; allowed roles: system, user, assistant"),
+        ('{"prompt": [{"role": 1, "content": "1 + 1?"}], "solutions": ["2"]}',
+         r"prompt\[0\].role must be a string, got number 1"),
+        ('{"prompt": "1 + \\ud800?", "solutions": ["2"]}', r"'prompt' holds an unpaired surrogate \\ud800 at character 5"),
+        ('{"prompt": [{"role": "user", "content": "\\udfff"}], "solutions": ["2"]}',
+         r"prompt\[0\].content holds an unpaired surrogate"),
+        ('{"prompt": "1 + 1?", "solutions": ["\\ud83d"]}', r"solutions\[0\] holds an unpaired surrogate"),
         ('{"prompt": "1 + 1?", "solutions": []}', "'solutions' is an empty list"),
         ('{"prompt": "1 + 1?", "solutions": ""}', "'solutions' is an empty answer"),
         ('{"prompt": "1 + 1?", "solutions": ["2", " "]}', r"solutions\[1\] is an empty answer"),
@@ -63,6 +78,12 @@ def test_errors_name_file_and_line(write_jsonl, bad_line, reason):
     message = str(caught.value)
     assert message.startswith(f"{path}:4: "), message
     assert caught.match(reason)
+
+
+def test_deeply_nested_json_is_a_bad_line_not_a_recursion_error(write_jsonl):
+    path = write_jsonl([GOOD, "[" * 100_000 + "]" * 100_000])
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:2: invalid JSON: nested too deeply$"):
+        read_jsonl(path)
 
 
 def test_data_error_is_a_value_error():
@@ -81,9 +102,12 @@ def test_line_numbers_ignore_unicode_line_separators_inside_strings(write_jsonl)
         read_jsonl(path)
 
 
-def test_integer_answers_are_read_as_their_decimal_strings(tmp_path):
-    from rlsys.data.jsonl import read_jsonl
-
+def test_number_answers_are_read_as_written(tmp_path):
     path = tmp_path / "aime.jsonl"
-    path.write_text('{"prompt": "p", "solutions": 204}\n{"prompt": "q", "solutions": [7, "8"]}\n')
-    assert [e.answers for e in read_jsonl(path)] == [("204",), ("7", "8")]
+    big = "9" * 5000  # beyond Python's int-to-str limit: kept as text, not a ValueError
+    path.write_text('{"prompt": "p", "solutions": 204}\n{"prompt": "q", "solutions": [7, "8"]}\n'
+                    '{"prompt": "r", "solutions": ["3", 3, 3.0, -0.5e3, 1E-7]}\n'
+                    f'{{"prompt": "s", "solutions": {big}, "id": {big}}}\n')
+    assert [e.answers for e in read_jsonl(path)] == [("204",), ("7", "8"), ("3", "3", "3.0", "-0.5e3", "1E-7"),
+                                                     (big,)]
+    assert all(type(answer) is str for e in read_jsonl(path) for answer in e.answers)
