@@ -20,7 +20,8 @@
 #   RAY_NODE_IP             this node's IP (default: the address Ray itself picks)
 #   RAY_NUM_CPUS, RAY_NUM_GPUS   resources to advertise (default: what Ray detects)
 #   RAY_BLOCK=1             stay in the foreground while Ray runs, for srun steps and containers;
-#                           stopping this script then stops the node. Default: start and return.
+#                           a SIGTERM (or SIGINT) to this script then drains and stops the node,
+#                           and the script exits 0 once Ray is down. Default: start and return.
 #   RAY_START_ARGS          more `ray start` arguments for every node, e.g. "--object-store-memory=..."
 #   RAY_HEAD_START_ARGS     more for the head only, e.g. "--include-dashboard=false"
 #   RAY_TMPDIR              Ray's own variable: where its sessions, logs and sockets go (default /tmp)
@@ -79,6 +80,39 @@ host, port = sys.argv[1].rsplit(":", 1)
 socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()' "$1" 2>/dev/null
 }
 
+# RAY_BLOCK=1: `ray start --block` never returns while Ray runs, so it runs in the background
+# (its pid in ray_pid) and this script waits for it. A TERM or INT is passed on to it: Ray then
+# drains the node and stops its processes.
+stop_signal=""
+start_blocking() {
+  "$@" --block &
+  ray_pid=$!
+  trap 'forward_stop TERM' TERM
+  trap 'forward_stop INT' INT
+}
+forward_stop() {
+  [[ -n "$stop_signal" ]] && return
+  stop_signal="$1"
+  echo "start_ray.sh: SIG$1 received: draining node $rank and stopping its Ray"
+  kill -TERM "$ray_pid" 2>/dev/null || true
+}
+# Waits for Ray to end and exits: 0 when a signal asked it to stop (Ray itself exits 1 after a
+# SIGTERM), else Ray's own status.
+wait_blocking() {
+  local status=0
+  wait "$ray_pid" || status=$?
+  # A trapped signal ends `wait` early; these wait for Ray's own shutdown.
+  while kill -0 "$ray_pid" 2>/dev/null; do
+    status=0
+    wait "$ray_pid" || status=$?
+  done
+  if [[ -n "$stop_signal" ]]; then
+    echo "start_ray.sh: node $rank drained; Ray stopped after SIG$stop_signal"
+    exit 0
+  fi
+  exit "$status"
+}
+
 if (( 10#$rank == 0 )); then
   # Ray's own choice of this node's address (hostname -I is Linux-only); its --node-ip-address
   # gets the same value, so the file names exactly the address the head listens on.
@@ -97,15 +131,12 @@ if (( 10#$rank == 0 )); then
   }
 
   if (( block )); then
-    # `ray start --block` never returns while Ray runs, so it runs in the background and the
-    # address is published once the head answers. A TERM or INT is passed on to it (Ray then
-    # stops its processes), and the file goes away with the head.
-    "${head_cmd[@]}" --block &
-    ray_pid=$!
+    # The address is published once the head answers, and the file goes away with the head.
+    start_blocking "${head_cmd[@]}"
     trap 'rm -f "$address_file" "$address_file.tmp.$$"' EXIT
-    trap 'kill -TERM "$ray_pid" 2>/dev/null || true' TERM INT
     deadline=$((SECONDS + timeout_s))
     until answers "$address"; do
+      [[ -n "$stop_signal" ]] && wait_blocking
       if ! kill -0 "$ray_pid" 2>/dev/null; then
         wait "$ray_pid" || true
         die 1 "ray start --head failed (its output is above)"
@@ -117,14 +148,7 @@ if (( 10#$rank == 0 )); then
       sleep 1
     done
     publish
-    status=0
-    wait "$ray_pid" || status=$?
-    # A trapped signal ends the first `wait` early; this one waits for Ray's own shutdown.
-    if kill -0 "$ray_pid" 2>/dev/null; then
-      status=0
-      wait "$ray_pid" || status=$?
-    fi
-    exit "$status"
+    wait_blocking
   fi
   "${head_cmd[@]}" || die 1 "ray start --head failed (its output is above)"
   publish
@@ -153,7 +177,8 @@ else
   [[ -n "${RAY_NODE_IP:-}" ]] && worker_cmd+=(--node-ip-address "$RAY_NODE_IP")
   if (( block )); then
     echo "start_ray.sh: worker $rank joins $head and blocks while Ray runs"
-    exec "${worker_cmd[@]}" --block
+    start_blocking "${worker_cmd[@]}"
+    wait_blocking
   fi
   "${worker_cmd[@]}" || die 1 "ray start --address $head failed (its output is above)"
   echo "start_ray.sh: worker $rank joined $head"
