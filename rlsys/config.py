@@ -181,6 +181,8 @@ class RunnerConfig:
     """Complete checkpoints kept; older ones are deleted after a newer one completed."""
     resume: bool = True
     """Resume from the newest complete checkpoint in ``output_dir`` when there is one."""
+    save_on_interrupt: bool = True
+    """On SIGINT or SIGTERM, finish the current step, save a checkpoint, then stop (exit 130 or 143)."""
     resume_dir: str | None = None
     """Resume from this checkpoint (a step directory, or a checkpoints directory: its newest)."""
     loggers: list[str] = field(default_factory=lambda: ["tensorboard", "console"])

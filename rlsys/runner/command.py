@@ -22,7 +22,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from rlsys.config import ConfigError, load_config
     from rlsys.data import DataError
     from rlsys.runner.checkpoints import ResumeError
-    from rlsys.runner.grpo import train
+    from rlsys.runner.grpo import Interrupted, train
 
     run = load_config(args.config, args.overrides)
     logs = log_dir(run.runner.output_dir)
@@ -33,6 +33,10 @@ def _run_train(args: argparse.Namespace) -> int:
         print(f"rlsys train: error: {exc}", file=sys.stderr)
         _name_worker_logs(logs)
         return 2
+    except Interrupted as exc:
+        # Ray and the engines are already shut down (train's finally); the shell's codes for the signal.
+        print(f"rlsys train: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except ConfigError:
         raise  # found at start too: rlsys.cli prints it as a config error
     except Exception:

@@ -33,11 +33,14 @@ Choices, and what must stay true:
 from __future__ import annotations
 
 import dataclasses
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import ray
 
@@ -83,16 +86,59 @@ def train_from_config(name: str, overrides: list[str] | None = None) -> TrainRes
     return train(load_config(name, overrides))
 
 
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped the run at a safe point (after a step)."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None) -> None:
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        name = signal.Signals(signum).name
+        saved = f"last complete checkpoint: {checkpoint}" if checkpoint else "no checkpoint saved"
+        super().__init__(f"stopped by {name} after step {step}; {saved}")
+
+
 def train(run: RunConfig) -> TrainResult:
-    trainer = GRPOTrainer(run)
+    stop = StopSignals()
     try:
-        return trainer.fit()
+        trainer = GRPOTrainer(run, stop)
+        try:
+            return trainer.fit()
+        finally:
+            trainer.close()
     finally:
-        trainer.close()
+        stop.restore()
+
+
+class StopSignals:
+    """SIGINT/SIGTERM ask the run to stop at the next safe point; a second one stops it now.
+
+    Armed at start and again once Ray is up: ``ray.init`` installs its own SIGTERM handler in the
+    driver, which aborts the process."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self.previous: dict[int, Any] = {}
+        self.arm()
+
+    def arm(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signals reach only the main thread: nothing to catch here
+        for s in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.signal(s, self.ask_to_stop)
+            self.previous.setdefault(s, handler)
+
+    def ask_to_stop(self, signum: int, frame: object) -> None:
+        if self.received:
+            raise KeyboardInterrupt
+        self.received.append(signum)
+        console(f"{signal.Signals(signum).name}: stopping after this step (send it again to stop now)")
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 class GRPOTrainer:
-    def __init__(self, run: RunConfig) -> None:
+    def __init__(self, run: RunConfig, stop: StopSignals | None = None) -> None:
         # Everything that can be wrong with the config or the data fails here, before Ray starts.
         run.data.check_files_exist(base=REPO_ROOT)
         check_model_layout(run)
@@ -110,12 +156,15 @@ class GRPOTrainer:
         self.resumed_from = checkpoints.resume_point(self.output_dir / "checkpoints", run.runner.resume,
                                                      run.runner.resume_dir)
         self.step, self.times, self.batches_taken = 0, {}, 0
+        self.stop = stop
         self.weights, self.rollouts = EngineWeights(), None
         self.started_ray = not ray.is_initialized()
         self.reward, self.cluster, self.logger = RewardPool(run.reward).__enter__(), None, None
         console(f"writing to {self.output_dir}/; worker logs in {log_dir(self.output_dir)}/")
         try:
             self.cluster = Cluster.start(run, str(resolve_model_path(run.model.path)))
+            if stop is not None:
+                stop.arm()
             self.actor, self.rollout = self.cluster.actor, self.cluster.rollout
             up = self.cluster.startup_s
             console(f"workers up in {up['total']:.1f} s (Ray {up['ray']:.1f} s; actor built in "
@@ -161,15 +210,29 @@ class GRPOTrainer:
         if self.step == 0 and runner.val_interval:
             self.record(0, self.validate(0), advance=False)
         while self.step < runner.total_steps:
+            self.stop_if_asked(saved=False)
             self.step += 1
             metrics = self.train_step(self.step)
             last = self.step == runner.total_steps
             if runner.val_interval and (self.step % runner.val_interval == 0 or last):
                 metrics |= self.validate(self.step)
             self.record(self.step, metrics)
-            if runner.save_interval and (self.step % runner.save_interval == 0 or last):
+            saved = bool(runner.save_interval and (self.step % runner.save_interval == 0 or last))
+            if saved:
                 self.save()
+            if not last:
+                self.stop_if_asked(saved)
         return self.result
+
+    def stop_if_asked(self, saved: bool) -> None:
+        """The safe point between steps: save (``runner.save_on_interrupt``) and stop on a signal."""
+        if self.stop is None or not self.stop.received:
+            return
+        if self.run.runner.save_on_interrupt and not saved and self.step > 0:
+            self.save()
+        root = self.output_dir / "checkpoints"
+        newest = checkpoints.resume_point(root, True, None) if root.is_dir() else None
+        raise Interrupted(self.stop.received[0], self.step, newest)
 
     def train_step(self, step: int) -> dict[str, float]:
         """One GRPO step, one role per line."""

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+
+from tests.runner.test_interrupt import processes_marked
 
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -44,7 +47,12 @@ def ray_env():
     env = {**os.environ, "RAY_TMPDIR": temp, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     yield env
-    subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    # `ray stop` would stop every Ray on the machine: stop only the processes this test started.
+    for pid in processes_marked(f"RAY_TMPDIR={temp}"):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def test_local_starts_its_own_ray_and_auto_joins_the_running_one(ray_env):

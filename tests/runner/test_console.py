@@ -92,7 +92,8 @@ def test_train_console_is_the_bar_and_the_step_lines(tiny_model_dir, prompt_file
     # Lines as a person reads them: a bar redraw (\r) is a line, colour codes are invisible.
     console = re.sub(r"\x1b\[[0-9;]*m", "", console)
     lines = [line.strip() for line in console.replace("\r", "\n").splitlines() if line.strip()]
-    assert lines[0] == f"[rlsys] writing to {output}/; worker logs in {output}/logs/", lines[:3]
+    assert lines[0] == "[rlsys] data: training 8 prompts; validation 4 prompts", lines[:3]
+    assert lines[1] == f"[rlsys] writing to {output}/; worker logs in {output}/logs/", lines[:3]
     assert any(line.startswith("[rlsys] step 1: rollout/rewards=") for line in lines), lines
     assert any("1/1 [" in line and "step_s=" in line for line in lines), "no progress bar"
     assert lines[-1].startswith("[rlsys train] done"), lines[-3:]
