@@ -16,12 +16,19 @@ Choices and simplifications, in pipeline order:
 * Cheap caps before any parsing: responses over ``MAX_RESPONSE_CHARS`` and boxed answers over
   ``MAX_ANSWER_CHARS`` score wrong, and a size bound on the parsed (still unevaluated) tree refuses
   numbers that could have more than ``MAX_RESULT_DIGITS`` digits (``9^{9^{9^{9}}}``,
-  ``(10^{10})!``) and powers of sums above ``MAX_SYMBOLIC_POWER`` before sympy evaluates them.
-  Identical texts are equal before any parsing, so such an answer still equals itself.
+  ``(10^{10})!``), roots, logs and trig functions of numbers over ``MAX_FUNCTION_ARGUMENT_DIGITS``
+  digits, and powers of sums above ``MAX_SYMBOLIC_POWER`` before sympy evaluates them. Below these
+  bounds arithmetic is exact, so an intermediate power that cancels (``\\frac{2^{100000}}{2^{99998}}``)
+  is evaluated, not given up. Identical texts are equal before any parsing, so a refused answer
+  still equals itself. No step evaluates answer text as Python: the LaTeX goes only to the ANTLR
+  parser of latex2sympy2_extended, never to ``sympify``/``parse_expr``.
 * Normalisation (ours, on the LaTeX string): control characters removed, unicode symbols
   (``−``, ``π``, ``√``, ``∞``, ``≤``...) to LaTeX, spacing and sizing macros dropped,
   ``\\dfrac``/``\\tfrac`` to ``\\frac``, ``\\frac12``/``\\sqrt2`` braced, ``$``, degrees, currency and
-  trailing unit words or ``\\text{...}`` dropped, ``million``/``dozen``... turned into factors,
+  trailing unit words or ``\\text{...}`` dropped (``\\text{5 meters}`` is ``5`` with a unit too),
+  a whole answer spelled in words below 100 read as its number (``\\text{twenty-one}``, ``five
+  meters``; not ``one or two``), ``million``/``dozen``... turned into factors, ``\\langle a, b\\rangle``
+  read as ``(a, b)``, unbraced subscripts braced (``\\log_2 8`` is ``\\log_{2} 8``),
   thousands separators (``1,000``, ``1{,}000``, ``1\\,000``) removed only when the whole answer is
   such a number and every group after the first has three digits (so ``1,2`` and ``1, 000`` stay
   lists), scientific ``3e5`` read as ``3 \\times 10^{5}``. Digits separated only by a space
@@ -38,26 +45,36 @@ Choices and simplifications, in pipeline order:
   ``2, 3`` is a list of solutions and equals ``3, 2`` (so a reference that is an ordered pair
   written without parentheses loses its order); ``a \\pm b`` is the list ``a+b, a-b``;
   ``a = 1, b = 2`` is also the tuple ``(1, 2)``. ``x \\le 3`` reads as ``(-\\infty, 3]`` and
-  ``\\mathbb{R}`` as ``(-\\infty, \\infty)``.
-* Equations: ``x = 3``, ``f(x) = 3``, ``(x, y) = (1, 2)`` read as their right side. A response
+  ``\\mathbb{R}`` as ``(-\\infty, \\infty)``. Subsets of the reals written with ``\\cup``,
+  ``\\setminus`` or inequalities joined by "or" are merged into disjoint intervals when their
+  endpoints are numbers, so ``\\mathbb{R}\\setminus[1,3]``, ``x<1 \\text{ or } x>3`` and
+  ``(-\\infty,1)\\cup(3,\\infty)`` are equal ("and" is not read as a union). A vector (a matrix of
+  one row or one column) equals the tuple of its entries, but a row never equals a column.
+* Equations: ``x = 3``, ``f(x) = 3``, ``(x, y) = (1, 2)`` read as their right side, and a chain
+  ``x = 2 + 3 = 5`` as its last side. Two such answers naming different things are unequal
+  (``y = 3`` does not answer ``x = 3``, while ``3`` and ``x = 3`` are equal either way). A response
   whose right side has no letters also reads as it (``a + b = 7`` answers 7), but a reference
   with a non-trivial left side stays an equation (``x^2 + y^2 = 25`` is not answered by ``25``).
   Two equations are equal when one side-difference is a nonzero constant multiple of the other.
 * Equality is exact: rationals compare as rationals, decimals are rewritten to the exact fraction
   of their written digits before parsing (``0.333333`` is 333333/1000000, never 1/3; ``0.\\overline{3}``
   is 1/3), and other expressions are equal only when sympy reduces their difference to 0
-  (expand, radsimp, cancel, simplify, sqrtdenest). A 40-digit numeric evaluation, at a few seeded
+  (expand, radsimp, cancel, simplify, sqrtdenest; for constants also splitting logarithms over
+  prime factors and rewriting ``e^{i\\theta}`` and ``\\cos\\theta + i\\sin\\theta`` as ``a + bi``, so
+  change of base and polar forms compare). A 40-digit numeric evaluation, at a few seeded
   random points when there are symbols, is used only to REJECT quickly, never to accept; a
   difference that is numerically 0 but that sympy cannot reduce is judged unequal.
-* Degrees are dropped, not converted: ``30^\\circ`` equals ``30`` but not ``\\frac{\\pi}{6}``.
-  A column vector does not equal a tuple. A reference that is a single letter A-E, alone or in
-  parentheses, is a multiple-choice answer and only the response's leading letter counts.
+* Degrees are dropped, not converted: ``30^\\circ`` equals ``30`` but not ``\\frac{\\pi}{6}``; only
+  in an answer with a trig function are they converted (``\\sin 30^\\circ`` is 1/2). A reference
+  that is a single letter A-E, alone or in parentheses, is a multiple-choice answer and only the
+  response's leading letter counts.
 * Symbols are case sensitive (``2A`` is not ``2a``); plain words compare case-insensitively.
   ``i`` is the imaginary unit.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import re
@@ -73,10 +90,20 @@ MAX_RESPONSE_CHARS = 200_000
 """Longer responses score wrong without being read: a degenerate generation, not an answer."""
 MAX_ANSWER_CHARS = 1_000
 """Longer boxed contents score wrong: no real answer is that long, and parsing cost grows with it."""
-MAX_RESULT_DIGITS = 10_000
-"""Parsed numbers whose decimal size could exceed this are refused before sympy evaluates them."""
+MAX_RESULT_DIGITS = 100_000
+"""Parsed numbers whose decimal size could exceed this are refused before sympy evaluates them.
+
+Below it evaluation is exact integer arithmetic, so ``\\frac{2^{100000}}{2^{99998}}`` is 4; one
+operation on numbers of this size costs well under a second."""
+MAX_FUNCTION_ARGUMENT_DIGITS = 1_000
+"""Roots, trig, logs and other functions of numbers larger than this are refused: sympy factors
+them or evaluates them to their full precision, which is not bounded by the digit count."""
 MAX_SYMBOLIC_POWER = 64
 """Integer powers of non-numeric bases above this are refused: expanding them is unbounded work."""
+MAX_NESTING_DEPTH = 10
+"""Expressions nested deeper (brackets of any kind) are not parsed: the parser's time grows
+faster than linearly with depth (``x_{x_{...}}`` 15 deep takes seconds), and real answers stay
+within a few levels. Redundant brackets around a whole answer are peeled off before this."""
 MAX_LIST_ITEMS = 64
 """Tuples, sets and lists with more items are compared as text only."""
 
@@ -137,15 +164,24 @@ def reference_answer(reference: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 _BOX_COMMAND = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+_BOX_TOKEN = re.compile(r"[^\s$]+")
+_BRACE_OR_ESCAPE = re.compile(r"\\.|[{}]", re.DOTALL)
 
 
 def extract_boxed_answer(text: str) -> str | None:
-    """Content of the last balanced ``\\boxed``/``\\fbox``, or None (no box, unbalanced, too long)."""
+    """Content of the last balanced ``\\boxed``/``\\fbox``, or None (no box, unbalanced, too long).
+
+    Linear in the length of ``text`` whatever its shape: the braces are matched in one pass, so
+    thousands of unclosed boxes cost no more than one.
+    """
     if not isinstance(text, str) or len(text) > MAX_RESPONSE_CHARS:
         return None
     starts = [match.end() for match in _BOX_COMMAND.finditer(text)]
+    if not starts:
+        return None
+    closing = _matching_braces(text)
     for start in reversed(starts):
-        content = _box_content(text, start)
+        content = _box_content(text, start, closing)
         if content is not None:
             content = content.strip()
             if content and len(content) <= MAX_ANSWER_CHARS:
@@ -154,7 +190,20 @@ def extract_boxed_answer(text: str) -> str | None:
     return None
 
 
-def _box_content(text: str, start: int) -> str | None:
+def _matching_braces(text: str) -> dict[int, int]:
+    """Index of each ``{`` that closes -> index of its ``}``; ``\\{`` and ``\\}`` do not count."""
+    closing: dict[int, int] = {}
+    open_braces: list[int] = []
+    for match in _BRACE_OR_ESCAPE.finditer(text):
+        char = match.group(0)
+        if char == "{":
+            open_braces.append(match.start())
+        elif char == "}" and open_braces:
+            closing[open_braces.pop()] = match.start()
+    return closing
+
+
+def _box_content(text: str, start: int, closing: dict[int, int]) -> str | None:
     """The argument of a box command whose name ends at ``start``; None when braces never close."""
     position = start
     while position < len(text) and text[position] in " \t":
@@ -162,10 +211,10 @@ def _box_content(text: str, start: int) -> str | None:
     if position >= len(text):
         return None
     if text[position] != "{":
-        token = re.match(r"[^\s$]+", text[position:])
+        token = _BOX_TOKEN.match(text, position)
         return token.group(0) if token else None
-    closing = _closing_index(text, position)
-    return text[position + 1 : closing] if closing >= 0 else None
+    end = closing.get(position)
+    return text[position + 1 : end] if end is not None else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,7 +234,11 @@ _SIZING = re.compile(r"\\(?:left|right|middle|[bB]igg?[lr]?)(?![A-Za-z])\s*")
 _SPACING = re.compile(r"(?<!\\)\\(?:[,;:!> ]|quad|qquad|thinspace|medspace|thickspace|enspace|hspace\{[^{}]*\}|displaystyle|textstyle)")
 _TEXT_WRAPPERS = re.compile(r"\\(?:textbf|textit|textrm|textnormal|textup|textsf|texttt|mathrm|mathbf|mathit|mathsf|mathtt|mathnormal|mbox|hbox|operatorname\*?)(?![A-Za-z])")
 _FRACTION_VARIANTS = re.compile(r"\\[dtc]frac(?![A-Za-z])")
-_UNBRACED_FRACTION = re.compile(r"\\frac\s*(\d|\{[^{}]*\})\s*(\d|\{[^{}]*\}|[A-Za-z])")
+_UNBRACED_FRACTION = re.compile(r"\\frac\s*(\d|\{[^{}]*\}|\\[A-Za-z]+)\s*(\d|\{[^{}]*\}|[A-Za-z]|\\[A-Za-z]+)")
+_UNBRACED_SUBSCRIPT = re.compile(r"_\s*(\d+(?=\s)|[0-9A-Za-z])")
+"""``\\log_2 8`` is ``\\log_{2} 8``: an unbraced subscript is one character, or a number before a space."""
+_CIS = re.compile(r"\\text\{\s*cis\s*\}")
+"""``r \\operatorname{cis} \\theta`` is ``r e^{i\\theta}``; ``\\exp`` takes its argument as ``\\sin`` does."""
 _UNBRACED_ROOT = re.compile(r"\\sqrt\s*(\[[^\[\]]*\])?\s*(\d+|[A-Za-z](?![A-Za-z]))")
 _DEGREES = re.compile(r"\s*(?:\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ$|\\degree|\\text\{\s*degrees?\s*\}|\s+degrees?)\s*(?:[CF](?![A-Za-z]))?")
 _PERCENT = re.compile(r"\s*(?:\\%|%|\\text\{\s*\\?%\s*\}|\\text\{\s*percent\s*\}|\s+percent)\s*$")
@@ -214,9 +267,29 @@ _IMAGINARY_MARKUP = re.compile(r"\\(?:text|imath|mathit)\{\s*i\s*\}|\\imath(?![A
 _LIST_WORDS = re.compile(r"\\text\{\s*,?\s*(?:and|or)\s*\}|(?<![A-Za-z\\]),?\s*\b(?:and|or)\b\s*(?![A-Za-z])")
 _RELATION_WORDS = {
     "\\leq": "\\le", "\\leqslant": "\\le", "\\geq": "\\ge", "\\geqslant": "\\ge", "\\lt": "<", "\\gt": ">",
-    "\\neq": "\\ne", "\\dots": "\\ldots", "\\cdots": "\\ldots",
+    "\\neq": "\\ne", "\\dots": "\\ldots", "\\cdots": "\\ldots", "\\langle": "(", "\\rangle": ")",
+    "\\backslash": "\\setminus", "\\smallsetminus": "\\setminus",
 }
 _RELATION_PATTERN = re.compile("|".join(re.escape(key) + r"(?![A-Za-z])" for key in _RELATION_WORDS))
+_TRIG_CALL = re.compile(r"\\(?:sin|cos|tan|cot|sec|csc)(?![A-Za-z])|\\text\{\s*cis\s*\}")
+_DEGREE_ANGLE = re.compile(r"(\d+(?:\.\d+)?)\s*(?:\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\degree)")
+_TEXT_NUMBER = re.compile(r"^\\text\{\s*([+-]?(?:\d[\d,]*(?:\.\d+)?|\.\d+))(?:\s+([^{}]*?))?\s*\}$")
+_NUMBER_WORDS = {
+    word: value
+    for value, word in enumerate(
+        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+        "sixteen seventeen eighteen nineteen".split()
+    )
+}
+_TENS_WORDS = {
+    word: 10 * (index + 2) for index, word in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split())
+}
+_SPELLED_NUMBER = re.compile(
+    rf"^(?:({'|'.join(_TENS_WORDS)})(?:[- ]({'|'.join(list(_NUMBER_WORDS)[1:10])}))?|({'|'.join(_NUMBER_WORDS)}))"
+    r"(?:\s+([A-Za-z][A-Za-z \-]*))?$",
+    re.IGNORECASE,
+)
+_NOT_A_UNIT = set(_NUMBER_WORDS) | set(_TENS_WORDS) | {"and", "or", "to", "by", "point", "plus", "minus", "times", "over"}
 
 
 @dataclass(frozen=True)
@@ -247,6 +320,12 @@ def clean_answer(raw: str) -> CleanAnswer:
     text = re.sub(r"^\\text\{\s*(?:the\s+)?(?:final\s+)?answer\s+is:?\s*\}", "", text, flags=re.IGNORECASE).strip()
     text = text.rstrip(" .;")
     text = re.sub(r"\\text\{\s*\.?\s*\}$", "", text).strip()
+    text = _TEXT_NUMBER.sub(lambda match: match.group(1) + (f"\\text{{ {match.group(2)}}}" if match.group(2) else ""), text)
+    text = _spelled_number(text)
+    if _TRIG_CALL.search(text):
+        # The argument of a trig function is an angle: there degrees are a unit to convert, not
+        # decoration to drop (``\\sin 30^\\circ`` is 1/2).
+        text = _DEGREE_ANGLE.sub(r"(\\frac{\1\\pi}{180})", text)
     text = _DEGREES.sub("", text).strip()
     percent = False
     stripped = _PERCENT.sub("", text)
@@ -261,6 +340,27 @@ def clean_answer(raw: str) -> CleanAnswer:
     if number:
         text = number.group(1).replace(",", "").replace(" ", "") + (number.group(2) or "")
     return CleanAnswer(text=re.sub(r"\s+", " ", text).strip(), percent=percent)
+
+
+def _spelled_number(text: str) -> str:
+    """``five``, ``\\text{twenty-one}`` -> digits; a trailing word stays as a ``\\text`` unit.
+
+    Only a whole answer that is words is read, and only when the words after the number cannot
+    be more of a number or a list (``one or two`` and ``five thousand two hundred`` stay text).
+    """
+    words = re.fullmatch(r"\\text\{([^{}]*)\}", text)
+    words = (words.group(1) if words else text).strip()
+    match = _SPELLED_NUMBER.match(words)
+    if not match:
+        return text
+    tens, units, small, rest = match.groups()
+    if rest and _NOT_A_UNIT & set(re.split(r"[\s\-]+", rest.lower())):
+        return text
+    if tens:
+        value = _TENS_WORDS[tens.lower()] + (_NUMBER_WORDS[units.lower()] if units else 0)
+    else:
+        value = _NUMBER_WORDS[small.lower()]
+    return str(value) + (f"\\text{{ {rest}}}" if rest else "")
 
 
 def _strip_units(text: str) -> str:
@@ -386,6 +486,8 @@ class Reading:
 
     kind: str
     value: Any
+    name: str | None = None
+    """What the answer names, from an equation's left side (``y`` in ``y = 3``)."""
 
 
 @dataclass(frozen=True)
@@ -432,12 +534,14 @@ def _structured_readings(text: str, percent: bool, is_reference: bool) -> list[R
     matrix = _MATRIX_ENV.match(text)
     if matrix:
         return _matrix_readings(matrix.group(2))
-    union_parts = split_top_level(text, "\\cup")
-    if len(union_parts) > 1:
-        intervals = [_interval(part) for part in union_parts]
-        if all(interval is not None for interval in intervals):
-            return [Reading("union", tuple(intervals))]
-        return []
+    if len(split_top_level(text, "\\cup")) > 1 or len(split_top_level(text, "\\setminus")) > 1:
+        pieces = _real_set(text)
+        return [] if pieces is None else [_real_set_reading(pieces)]
+    alternatives = split_top_level(_OR_WORDS.sub("\x02", text), "\x02")
+    if len(alternatives) > 1:
+        inequalities = [_inequality_interval(alternative) for alternative in alternatives]
+        if all(inequalities) and len({variable for variable, _ in inequalities}) == 1:
+            return [_real_set_reading(_merged([interval for _, interval in inequalities]))]
     enclosing = _enclosing_pair(text)
     if enclosing is not None:
         return _bracketed_readings(text, *enclosing, percent=percent, is_reference=is_reference)
@@ -451,9 +555,9 @@ def _structured_readings(text: str, percent: bool, is_reference: bool) -> list[R
         plus = _expression(text.replace("\\pm", "+").replace("\\mp", "-"))
         minus = _expression(text.replace("\\pm", "-").replace("\\mp", "+"))
         return [Reading("list", (plus, minus))] if plus is not None and minus is not None else []
-    interval = _inequality_interval(text)
-    if interval is not None:
-        return [Reading("interval", interval)]
+    inequality = _inequality_interval(text)
+    if inequality is not None:
+        return [Reading("interval", inequality[1])]
     value = _expression(text)
     if value is None:
         return []
@@ -510,7 +614,11 @@ def _equation_readings(sides: list[str], percent: bool, is_reference: bool) -> l
         if left is not None and right is not None:
             readings.append(Reading("equation", left - right))
     right_has_letters = bool(re.search(r"[A-Za-z]", re.sub(r"\\[A-Za-z]+", "", sides[-1])))
-    if _SIMPLE_LHS.match(sides[0]) or (not is_reference and not right_has_letters):
+    if _SIMPLE_LHS.match(sides[0]):
+        name = canonical_text(sides[0]).replace("{", "").replace("}", "")
+        named = _structured_readings(sides[-1], percent, is_reference)
+        readings.extend(dataclasses.replace(reading, name=name) for reading in named)
+    elif not is_reference and not right_has_letters:
         readings.extend(_structured_readings(sides[-1], percent, is_reference))
     return readings
 
@@ -559,7 +667,12 @@ def _matrix_readings(body: str) -> list[Reading]:
         if any(value is None for value in values):
             return []
         matrix.append(tuple(values))
-    return [Reading("matrix", tuple(matrix))]
+    readings = [Reading("matrix", tuple(matrix))]
+    if len(matrix) == 1 and len(matrix[0]) >= 2:
+        readings.append(Reading("vector", matrix[0]))
+    elif len(matrix) >= 2 and all(len(row) == 1 for row in matrix):
+        readings.append(Reading("vector", tuple(row[0] for row in matrix)))
+    return readings
 
 
 def _interval(text: str) -> Interval | None:
@@ -580,8 +693,8 @@ _INEQUALITY_SPLIT = re.compile(r"(\\le|\\ge|<=|>=|<|>)")
 _SINGLE_VARIABLE = re.compile(r"^[A-Za-z](?:_\{?\w+\}?)?$")
 
 
-def _inequality_interval(text: str) -> Interval | None:
-    """``x \\le 3`` -> ``(-oo, 3]``, ``-1 < x \\le 4`` -> ``(-1, 4]``; anything else -> None."""
+def _inequality_interval(text: str) -> tuple[str, Interval] | None:
+    """``x \\le 3`` -> ``("x", (-oo, 3])``, ``-1 < x \\le 4`` -> ``("x", (-1, 4])``; anything else -> None."""
     pieces = [piece.strip() for piece in _INEQUALITY_SPLIT.split(text)]
     if len(pieces) not in (3, 5):
         return None
@@ -596,19 +709,124 @@ def _inequality_interval(text: str) -> Interval | None:
         bound = _expression(operands[1] if variable_left else operands[0])
         if bound is None:
             return None
+        variable = operands[0] if variable_left else operands[1]
         upper = less[operators[0]] == variable_left
         closed = not strict[operators[0]]
         if upper:
-            return Interval(-sympy.oo, bound, False, closed)
-        return Interval(bound, sympy.oo, closed, False)
+            return variable, Interval(-sympy.oo, bound, False, closed)
+        return variable, Interval(bound, sympy.oo, closed, False)
     if not _SINGLE_VARIABLE.match(operands[1]) or less[operators[0]] != less[operators[1]]:
         return None
     low, high = _expression(operands[0]), _expression(operands[2])
     if low is None or high is None:
         return None
     if less[operators[0]]:
-        return Interval(low, high, not strict[operators[0]], not strict[operators[1]])
-    return Interval(high, low, not strict[operators[1]], not strict[operators[0]])
+        return operands[1], Interval(low, high, not strict[operators[0]], not strict[operators[1]])
+    return operands[1], Interval(high, low, not strict[operators[1]], not strict[operators[0]])
+
+
+_OR_WORDS = re.compile(r"\\text\{\s*or\s*\}|(?<![A-Za-z\\])or(?![A-Za-z])|\\(?:lor|vee)(?![A-Za-z])")
+_REALS = ("\\mathbb{R}", "\\mathbb R", "\\R")
+
+
+def _real_set(text: str) -> tuple[Interval, ...] | None:
+    """A subset of the reals written with ``\\cup`` and ``\\setminus`` as merged intervals, or None.
+
+    Pieces are intervals, ``\\mathbb{R}`` or inequalities; what is removed may also be a finite set
+    (``\\mathbb{R} \\setminus \\{0\\}``). ``\\mathbb{R}\\setminus[1,3]`` is ``(-oo, 1) \\cup (3, oo)``.
+    """
+    difference = split_top_level(text, "\\setminus")
+    if len(difference) == 2:
+        kept, removed = _real_set(difference[0]), _real_set(difference[1])
+        if removed is None:
+            removed = _finite_real_set(difference[1])
+        if kept is None or removed is None:
+            return None
+        return _set_operation(sympy.Complement, kept, removed)
+    if len(difference) > 2:
+        return None
+    pieces = []
+    for part in split_top_level(text, "\\cup"):
+        part = _MEMBERSHIP.sub("", part)
+        if part in _REALS:
+            pieces.append(Interval(-sympy.oo, sympy.oo, False, False))
+            continue
+        interval = _interval(part)
+        if interval is None:
+            inequality = _inequality_interval(part)
+            interval = inequality[1] if inequality else None
+        if interval is None:
+            return None
+        pieces.append(interval)
+    return _merged(pieces)
+
+
+def _finite_real_set(text: str) -> tuple[Interval, ...] | None:
+    """``\\{1, 2\\}`` as the degenerate intervals ``[1, 1], [2, 2]``, or None."""
+    if _enclosing_pair(text) != ("\\{", "\\}"):
+        return None
+    values = _element_values(split_top_level(text[2:-2], ","))
+    if not values or any(isinstance(value, str) or not _is_real_number(value) for value in values):
+        return None
+    return tuple(Interval(value, value, True, True) for value in values)
+
+
+def _is_real_number(value: sympy.Expr) -> bool:
+    return bool(value.is_number and value.is_extended_real)
+
+
+def _as_sympy_set(pieces: tuple[Interval, ...]) -> sympy.Set | None:
+    """The union of ``pieces`` in sympy when every endpoint is a real number, else None."""
+    sets = []
+    for piece in pieces:
+        if not (_is_real_number(piece.left) and _is_real_number(piece.right)):
+            return None
+        if (piece.left_closed and piece.left.is_infinite) or (piece.right_closed and piece.right.is_infinite):
+            return None  # ``[-\\infty, 1]`` is malformed; sympy would silently open it.
+        if piece.left == piece.right and piece.left_closed and piece.right_closed:
+            sets.append(sympy.FiniteSet(piece.left))
+        elif (piece.left < piece.right) is sympy.true:
+            sets.append(sympy.Interval(piece.left, piece.right, not piece.left_closed, not piece.right_closed))
+        else:
+            return None
+    return sympy.Union(*sets)
+
+
+def _as_intervals(real_set: sympy.Set) -> tuple[Interval, ...] | None:
+    """A sympy union of proper intervals as our intervals; None for anything else (isolated points)."""
+    parts = real_set.args if isinstance(real_set, sympy.Union) else (real_set,)
+    if real_set is sympy.S.EmptySet:
+        return ()
+    if not all(isinstance(part, sympy.Interval) for part in parts):
+        return None
+    return tuple(Interval(part.start, part.end, not part.left_open, not part.right_open) for part in parts)
+
+
+def _merged(pieces: list[Interval]) -> tuple[Interval, ...]:
+    """Overlapping and touching intervals merged (``(1, 3) \\cup [3, 5]`` is ``(1, 5]``).
+
+    Pieces with symbolic endpoints, and reversed or empty ones, stay as written: merging them
+    would need an order sympy cannot decide, or would hide that the answer is malformed.
+    """
+    real_set = _as_sympy_set(tuple(pieces))
+    merged = _as_intervals(real_set) if real_set is not None else None
+    return merged if merged is not None else tuple(pieces)
+
+
+def _set_operation(operation, first: tuple[Interval, ...], second: tuple[Interval, ...]) -> tuple[Interval, ...] | None:
+    first_set, second_set = _as_sympy_set(first), _as_sympy_set(second)
+    if first_set is None or second_set is None:
+        return None
+    return _as_intervals(operation(first_set, second_set))
+
+
+def _real_set_reading(pieces: tuple[Interval, ...]) -> Reading:
+    """One interval reads as an interval, none as the empty set, more as a union."""
+    if len(pieces) == 1:
+        return Reading("interval", pieces[0])
+    if not pieces:
+        return Reading("set", ())
+    return Reading("union", pieces)
 
 
 # --------------------------------------------------------------------------------------------
@@ -639,6 +857,17 @@ def _exact_decimals(text: str) -> str:
     return _DECIMAL.sub(decimal, text)
 
 
+def _nesting_depth(text: str) -> int:
+    depth = deepest = 0
+    for char in text:
+        if char in "{([":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "})]":
+            depth -= 1
+    return deepest
+
+
 def _fraction_latex(value: Fraction) -> str:
     if value.denominator == 1:
         return str(value.numerator)
@@ -653,7 +882,9 @@ def _expression(text: str) -> sympy.Expr | None:
     text = _SCIENTIFIC.sub(r"\1\\times 10^{\2}", text)
     text = _UNBRACED_FRACTION.sub(lambda match: f"\\frac{{{match.group(1).strip('{}')}}}{{{match.group(2).strip('{}')}}}", text)
     text = _UNBRACED_ROOT.sub(lambda match: f"\\sqrt{match.group(1) or ''}{{{match.group(2)}}}", text)
-    if _SPACED_DIGITS.search(text):
+    text = _UNBRACED_SUBSCRIPT.sub(r"_{\1}", text)
+    text = _CIS.sub(r"\\exp i ", text)
+    if _SPACED_DIGITS.search(text) or _nesting_depth(text) > MAX_NESTING_DEPTH:
         return None
     text = _exact_decimals(text)
     text = re.sub(r"\\text\{\s*([A-Za-z]+)\s*\}", r"\1", text)
@@ -691,7 +922,7 @@ def _too_large(expr: sympy.Basic) -> bool:
 def _digit_bound(expr: sympy.Basic) -> float:
     """An upper bound of log10 of the size of ``expr`` once evaluated; inf when it is unbounded."""
     if isinstance(expr, sympy.Rational):
-        return math.log10(max(abs(expr.p), expr.q) + 1)
+        return math.log10(max(abs(expr.p), expr.q, 2))
     if expr.is_Atom:
         return 1.0
     child_bounds = [_digit_bound(arg) for arg in expr.args]
@@ -708,7 +939,15 @@ def _digit_bound(expr: sympy.Basic) -> float:
             if not base.is_Atom and exponent.is_Integer and abs(int(exponent)) > MAX_SYMBOLIC_POWER:
                 return math.inf
             return child_bounds[0] + 1
+        if not exponent.is_Integer and child_bounds[0] > MAX_FUNCTION_ARGUMENT_DIGITS:
+            return math.inf
+        if isinstance(exponent, sympy.Rational):
+            # Exact: ``b^n`` has at most ``|n|`` times the digits of ``b`` (roots have fewer).
+            return max(abs(float(exponent)), 1.0) * child_bounds[0]
         return 10 ** child_bounds[1] * child_bounds[0]
+    if isinstance(expr, sympy.exp):
+        # ``e^x`` has about 0.43 x digits.
+        return math.inf if child_bounds[0] > 7 else 10 ** child_bounds[0] * 0.4343 + 1
     if isinstance(expr, (sympy.factorial, sympy.factorial2, sympy.subfactorial, sympy.gamma)):
         if child_bounds[0] > 6:
             return math.inf
@@ -720,7 +959,10 @@ def _digit_bound(expr: sympy.Basic) -> float:
         return 10 ** child_bounds[0] * 0.30103 + 1
     if isinstance(expr, sympy.Mul):
         return sum(child_bounds) + 1
-    return max(child_bounds, default=1.0) + 1
+    largest = max(child_bounds, default=1.0)
+    if not isinstance(expr, (sympy.Add, sympy.UnevaluatedExpr)) and largest > MAX_FUNCTION_ARGUMENT_DIGITS:
+        return math.inf
+    return largest + 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -753,20 +995,24 @@ def answers_equal(answer: str, reference: str) -> bool:
 _COMPATIBLE = {
     ("text", "text"), ("expression", "expression"), ("tuple", "tuple"), ("set", "set"), ("set", "list"),
     ("list", "set"), ("list", "list"), ("interval", "interval"), ("union", "union"), ("matrix", "matrix"),
-    ("equation", "equation"),
+    ("equation", "equation"), ("vector", "tuple"), ("tuple", "vector"),
 }
+"""A vector (one row or one column) equals the tuple of its entries; a row vector and a column
+vector have no compatible pair of readings but their matrix ones, so they stay different."""
 
 
 def _readings_equal(first: Reading, second: Reading) -> bool:
     if (first.kind, second.kind) not in _COMPATIBLE:
         return False
+    if first.name is not None and second.name is not None and first.name != second.name:
+        return False  # ``y = 3`` does not answer ``x = 3``, though ``3`` does.
     if first.kind == "text":
         return first.value == second.value
     if first.kind == "expression":
         return values_equal(first.value, second.value)
     if first.kind == "equation":
         return _equations_equal(first.value, second.value)
-    if first.kind == "tuple":
+    if first.kind in ("tuple", "vector"):
         return len(first.value) == len(second.value) and all(
             values_equal(a, b) for a, b in zip(first.value, second.value)
         )
@@ -855,6 +1101,8 @@ def values_equal(first: Any, second: Any) -> bool:
         for simplifier in (sympy.expand, sympy.radsimp, sympy.cancel, sympy.simplify, _denest_then_simplify):
             if simplifier(difference) == 0:
                 return True
+        if not difference.free_symbols and _expand_numeric_constant(difference) == 0:
+            return True
     except MemoryError:
         raise
     except Exception:
@@ -864,6 +1112,20 @@ def values_equal(first: Any, second: Any) -> bool:
 
 def _denest_then_simplify(expr: sympy.Expr) -> sympy.Expr:
     return sympy.simplify(sympy.sqrtdenest(sympy.expand(expr)))
+
+
+def _expand_numeric_constant(expr: sympy.Expr) -> sympy.Expr:
+    """Rewrite a constant with no symbols into sums of simple parts, then simplify.
+
+    ``e^{i\\pi/3}`` and ``\\cos\\theta + i\\sin\\theta`` become ``a + bi`` (polar and exponential
+    forms), and logarithms of numbers split over prime factors (``\\log_2 9 = 2\\log_2 3``). Both are
+    identities for constants; for symbols they would need assumptions (``\\log(xy)`` is not
+    ``\\log x + \\log y`` for negative x), hence the restriction.
+    """
+    expanded = sympy.expand_log(expr, force=True, factor=True)
+    if expanded.has(sympy.I):
+        expanded = sympy.expand_complex(expanded)
+    return sympy.simplify(expanded)
 
 
 def _numerically_nonzero(difference: sympy.Expr) -> bool:

@@ -14,12 +14,19 @@ make sympy loop), so nothing untrusted is parsed in the caller's process. Choice
   someone else already started is reused as it is. As with any spawn or forkserver start, the
   main module is imported again in each worker: scripts need the ``if __name__ == "__main__"``
   guard, and what the main module imports counts against the worker's memory limit.
+* The math and format checks run inside ``rlsys.reward.guard.no_side_effects``: should any
+  library path ever evaluate answer text, it cannot start a process, open a socket or write a
+  file. Extra terms run outside it.
 * Each worker sets ``RLIMIT_AS`` to ``memory_limit_mb`` and restores the default SIGTERM action,
   so that pebble's terminate stops a worker stuck inside C code at once instead of waiting for
   its SIGKILL fallback. Workers are recycled every ``WORKER_MAX_TASKS`` tasks, which bounds the
   growth of sympy's caches.
 * Responses longer than ``MAX_RESPONSE_CHARS`` score wrong in the parent without being sent to a
   worker (status ``too_long``), which keeps a 10 MB string off the pipe.
+* A worker killed in the middle of a check (SIGKILL, the OOM killer) fails that item alone as
+  a counted crash, and pebble starts a replacement. A worker that dies while holding no task
+  makes pebble stop the whole pool; the next batch then starts a fresh pool
+  (``RewardPool.pool_restarts``), and items that the broken pool dropped are scored once more.
 * Besides pebble's per-task timeout, the parent stops waiting at a batch deadline (one timeout
   plus slack per round of tasks per worker), so a pool that cannot start workers still returns.
 * The total of one response is ``math + format_weight * format + sum(weight * term)``; when the
@@ -38,12 +45,14 @@ import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import CancelledError
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
 from pebble import ProcessExpired, ProcessPool
 
 from rlsys.config import RewardConfig
 from rlsys.reward.format import format_score
+from rlsys.reward.guard import no_side_effects
 from rlsys.reward.math import MAX_RESPONSE_CHARS, check_response
 from rlsys.reward.terms import TermFunction, load_term_function, load_terms
 
@@ -112,10 +121,11 @@ def _initialize_worker(memory_limit_mb: int, parent_sys_path: list[str], term_sp
 def _score_in_worker(response: str, reference: str | list[str], settings: _ScoreSettings) -> tuple[float, bool, str | None, float]:
     """(total, correct, extracted answer, seconds) for one response; runs inside a worker."""
     started = time.perf_counter()
-    correct, answer = check_response(response, reference)
+    with no_side_effects():
+        correct, answer = check_response(response, reference)
+        format_value = format_score(response) if settings.format_weight else 0.0
     total = settings.correct_score if correct else settings.wrong_score
-    if settings.format_weight:
-        total += settings.format_weight * format_score(response)
+    total += settings.format_weight * format_value
     for weight, function in _worker_terms:
         value = float(function(response, reference))
         if not math.isfinite(value):
@@ -147,6 +157,8 @@ class RewardPool:
         self.num_workers = config.num_workers or os.cpu_count() or 1
         self._settings = _ScoreSettings(config.correct_score, config.wrong_score, config.format_weight)
         self._pool: ProcessPool | None = None
+        self.pool_restarts = 0
+        """Times a broken pebble pool was replaced by a fresh one."""
 
     def start(self) -> RewardPool:
         if self._pool is None:
@@ -176,8 +188,6 @@ class RewardPool:
         """Score ``responses[i]`` against ``references[i]``; never raises on what the texts contain."""
         if len(responses) != len(references):
             raise ValueError(f"{len(responses)} responses but {len(references)} references")
-        self.start()
-        assert self._pool is not None
         count = len(responses)
         wrong = self.config.wrong_score
         result = BatchResult(
@@ -187,34 +197,63 @@ class RewardPool:
             durations_s=[0.0] * count,
             statuses=[STATUS_OK] * count,
         )
-        futures = {}
-        submitted_at = time.monotonic()
-        for index, (response, reference) in enumerate(zip(responses, references)):
+        pending = []
+        for index, response in enumerate(responses):
             if not isinstance(response, str) or len(response) > MAX_RESPONSE_CHARS:
                 result.statuses[index] = STATUS_TOO_LONG
                 result.n_too_long += 1
-                continue
-            futures[index] = self._pool.schedule(
-                _score_in_worker, args=(response, reference, self._settings), timeout=self.config.timeout_s
-            )
+            else:
+                pending.append(index)
+        # Items lost to a pool that broke under them are scored once more on a fresh pool.
+        lost = self._score_items(pending, responses, references, result, last_try=False)
+        if lost:
+            self._score_items(lost, responses, references, result, last_try=True)
+        return result
+
+    def _replace_broken_pool(self) -> None:
+        """pebble stops a whole pool when a worker dies while it holds no task (killed while idle,
+        by hand or by the OOM killer); a fresh pool takes its place before the next checks."""
+        if self._pool is not None and not self._pool.active:
+            self.close()
+            self.pool_restarts += 1
+        self.start()
+
+    def _score_items(self, indices: list[int], responses, references, result: BatchResult, *, last_try: bool) -> list[int]:
+        """Score ``indices`` into ``result``; returns those lost to a broken pool unless ``last_try``."""
+        self._replace_broken_pool()
+        assert self._pool is not None
+        futures, lost = {}, []
+        submitted_at = time.monotonic()
+        for index in indices:
+            try:
+                futures[index] = self._pool.schedule(
+                    _score_in_worker, args=(responses[index], references[index], self._settings), timeout=self.config.timeout_s
+                )
+            except RuntimeError as error:  # the pool broke while this batch was being scheduled
+                futures[index] = error
         rounds = math.ceil(len(futures) / self.num_workers) + 1
         deadline = submitted_at + rounds * (self.config.timeout_s + RESTART_SLACK_S)
         for index, future in futures.items():
-            # exception() hands back what the worker raised instead of raising it here, so a
-            # SystemExit or KeyboardInterrupt from an extra term cannot stop the caller.
-            try:
-                error = future.exception(timeout=max(deadline - time.monotonic(), 0.0))
-            except TimeoutError:
-                future.cancel()
-                error = TimeoutError("no result before the batch deadline")
-            except CancelledError as cancelled:
-                error = cancelled
+            if isinstance(future, RuntimeError):
+                error = BrokenProcessPool(str(future))
+            else:
+                # exception() hands back what the worker raised instead of raising it here, so
+                # a SystemExit or KeyboardInterrupt from an extra term cannot stop the caller.
+                try:
+                    error = future.exception(timeout=max(deadline - time.monotonic(), 0.0))
+                except TimeoutError:
+                    future.cancel()
+                    error = TimeoutError("no result before the batch deadline")
+                except CancelledError as cancelled:
+                    error = cancelled
             if error is None:
                 total, correct, answer, seconds = future.result()
                 result.scores[index] = total
                 result.correct[index] = correct
                 result.extracted[index] = answer
                 result.durations_s[index] = seconds
+            elif isinstance(error, BrokenProcessPool) and not last_try:
+                lost.append(index)
             elif isinstance(error, TimeoutError):
                 result.statuses[index] = STATUS_TIMEOUT
                 result.durations_s[index] = self.config.timeout_s
@@ -225,7 +264,7 @@ class RewardPool:
                 result.durations_s[index] = time.monotonic() - submitted_at
                 result.errors[index] = _describe(error)
                 result.n_crash += 1
-        return result
+        return lost
 
 
 def _describe(error: BaseException) -> str:

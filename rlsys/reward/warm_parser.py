@@ -29,6 +29,8 @@ REPRESENTATIVE_ANSWERS = (
     "[0,\\infty)",
     "\\begin{pmatrix}1\\\\2\\end{pmatrix}",
     "\\log_2 8",
+    "2e^{i\\pi/3}",
+    "\\sin 30^\\circ",
     "5!",
     "\\binom{5}{2}",
     "e^{2}",
