@@ -527,7 +527,7 @@ def _unwrap_text(text: str) -> str:
 
 def _structured_readings(text: str, percent: bool, is_reference: bool) -> list[Reading]:
     text = _MEMBERSHIP.sub("", text)
-    if text in ("\\mathbb{R}", "\\mathbb R", "\\R"):
+    if text in _REALS:
         return [Reading("interval", Interval(-sympy.oo, sympy.oo, False, False))]
     if text in ("\\emptyset", "\\varnothing", "\\{\\}", "\\{ \\}"):
         return [Reading("set", ())]

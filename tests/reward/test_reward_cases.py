@@ -15,7 +15,8 @@ REQUIRED_CATEGORIES = {
     "integer", "fraction_decimal", "radical_pi", "percent", "units_text_degrees", "thousands", "interval",
     "set", "tuple", "matrix", "list_any_order", "equation_assignment", "scientific", "complex", "infinity",
     "aime_leading_zeros", "expression", "multiple_choice", "text_answer", "extraction", "hostile",
-    "deepscaler_style", "multiple_references",
+    "deepscaler_style", "multiple_references", "units_in_words", "trig_log_values", "complex_polar", "vector_tuple",
+    "interval_complement", "chained_equation", "huge_cancelling_power", "equation_variable",
 }
 TIMEOUT_S = 5.0
 
