@@ -348,18 +348,17 @@ class GRPOTrainer:
         root = self.output_dir / "checkpoints"
         directory = checkpoints.step_dir(root, self.step)
         self.logger.phase(self.step, "checkpoint")
-        if directory.exists():  # an unfinished save of this step by a killed run
-            import shutil
-
-            shutil.rmtree(directory)
-        directory.mkdir(parents=True)
-        self.actor.reload()  # an offloaded actor saves from the device, as it trained
-        self.actor.save(str(directory))
-        self.actor.offload()
-        checkpoints.write_trainer_state(directory, {"step": self.step, "data": self.data_state,
-                                                    "batches_taken": self.batches_taken, "config": to_dict(self.run)})
-        checkpoints.mark_complete(directory)
-        checkpoints.prune(root, self.run.runner.keep_last_checkpoints)
+        # Replaces an unfinished save of this step (a killed run's); a failed save is removed and
+        # an OS error (disk full) ends the run as CheckpointSaveError, the previous checkpoint kept.
+        with checkpoints.saving(directory):
+            self.actor.reload()  # an offloaded actor saves from the device, as it trained
+            self.actor.save(str(directory))
+            self.actor.offload()
+            checkpoints.write_trainer_state(directory, {"step": self.step, "data": self.data_state,
+                                                        "batches_taken": self.batches_taken,
+                                                        "config": to_dict(self.run)})
+            checkpoints.mark_complete(directory)  # the manifest of every file, written last
+        checkpoints.prune(root, self.run.runner.keep_last_checkpoints, saved=directory)
 
     @contextmanager
     def timed(self, phase: str) -> Iterator[None]:
