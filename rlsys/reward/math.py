@@ -289,7 +289,15 @@ _SPELLED_NUMBER = re.compile(
     r"(?:\s+([A-Za-z][A-Za-z \-]*))?$",
     re.IGNORECASE,
 )
-_NOT_A_UNIT = set(_NUMBER_WORDS) | set(_TENS_WORDS) | {"and", "or", "to", "by", "point", "plus", "minus", "times", "over"}
+_NOT_A_UNIT = (
+    set(_NUMBER_WORDS) | set(_TENS_WORDS)
+    | {"and", "or", "to", "by", "point", "plus", "minus", "times", "over", "squared", "cubed"}
+    | {"more", "less", "fewer", "than", "greater", "smaller", "larger"}
+    | {"half", "halves", "third", "thirds", "quarter", "quarters"}
+    | {ordinal + suffix for ordinal in ("fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth", "hundredth") for suffix in ("", "s")}
+)
+"""Words after a spelled number that make it something else than a number with a unit
+(``two thirds``, ``five more than x``, ``one or two``)."""
 
 
 @dataclass(frozen=True)
@@ -354,7 +362,7 @@ def _spelled_number(text: str) -> str:
     if not match:
         return text
     tens, units, small, rest = match.groups()
-    if rest and _NOT_A_UNIT & set(re.split(r"[\s\-]+", rest.lower())):
+    if rest and not _could_be_unit(rest):
         return text
     if tens:
         value = _TENS_WORDS[tens.lower()] + (_NUMBER_WORDS[units.lower()] if units else 0)
@@ -363,11 +371,18 @@ def _spelled_number(text: str) -> str:
     return str(value) + (f"\\text{{ {rest}}}" if rest else "")
 
 
+def _could_be_unit(words: str) -> bool:
+    return not _NOT_A_UNIT & set(re.findall(r"[a-z]+", words.lower()))
+
+
 def _strip_units(text: str) -> str:
     """Drop a trailing ``\\text{unit}`` or a unit word after a plain number."""
     for _ in range(2):
-        shorter = _TRAILING_TEXT_UNIT.sub("", text).strip()
-        if shorter and shorter != text and not shorter.endswith(("=", "\\", ",")):
+        unit = _TRAILING_TEXT_UNIT.search(text)
+        if unit is None or not _could_be_unit(unit.group(0)):
+            break
+        shorter = text[: unit.start()].strip()
+        if shorter and not shorter.endswith(("=", "\\", ",")):
             text = shorter
     unit_word = _TRAILING_UNIT_WORD.match(text)
     if unit_word:
