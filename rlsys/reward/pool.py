@@ -120,6 +120,17 @@ def _initialize_worker(memory_limit_mb: int, parent_sys_path: list[str], term_sp
 
 def _score_in_worker(response: str, reference: str | list[str], settings: _ScoreSettings) -> tuple[float, bool, str | None, float]:
     """(total, correct, extracted answer, seconds) for one response; runs inside a worker."""
+    try:
+        return _score_one(response, reference, settings)
+    except MemoryError:
+        pass
+    # Raised here, after the except block let go of the failed check's frames and the memory they
+    # held: pebble formats the traceback, which under the memory limit would itself run out and
+    # kill the worker with a bare exit code 1.
+    raise MemoryError("the check ran out of memory (reward.memory_limit_mb)")
+
+
+def _score_one(response: str, reference: str | list[str], settings: _ScoreSettings) -> tuple[float, bool, str | None, float]:
     started = time.perf_counter()
     with no_side_effects():
         correct, answer = check_response(response, reference)

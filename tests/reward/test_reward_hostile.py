@@ -252,7 +252,8 @@ def test_a_check_that_really_grows_is_stopped_by_the_memory_limit_or_the_time_li
         elapsed = time.monotonic() - started
     assert result.statuses[0] in (STATUS_CRASH, STATUS_TIMEOUT)
     if result.statuses[0] == STATUS_CRASH:
-        assert "MemoryError" in result.errors[0]
+        # Out of memory inside the check, or (rarely) inside pebble's own code around it.
+        assert "MemoryError" in result.errors[0] or result.errors[0].startswith("worker died"), result.errors[0]
     assert result.statuses[1] == STATUS_OK
     assert result.scores == [-5.0, 5.0]
     assert elapsed < config.timeout_s + SLACK_S

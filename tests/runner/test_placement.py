@@ -44,7 +44,7 @@ def test_check_resources_names_what_is_missing():
 def test_a_real_ray_cluster_too_small_fails_at_start():
     import ray
 
-    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="ERROR")
     try:
         run = _run("cluster.devices_per_node=2", "actor.tp=2", "cluster.ray_address=auto")
         with pytest.raises(ClusterError, match=r"needs 2 CPU .* has 1"):
