@@ -237,6 +237,10 @@ class RolloutConfig:
     timeout_s: float = 1800.0
     """Progress limit of generation: the run fails when no request of an engine finished for this
     long (a batch as a whole may take longer); also the limit of every other engine call."""
+    health_check_s: float = 30.0
+    """Liveness period of each SGLang engine: idle, it must generate one token within this long;
+    busy, none of its processes may be stopped or, during a generate, use no CPU for this long.
+    A hung engine is killed and the run ends naming it. 0 turns the check off."""
     max_running_requests: int = 64
     """Requests in flight per engine; the rest of a batch streams in as they finish (RLinf: 64).
     Also passed to SGLang as its own cap on running requests."""
@@ -273,6 +277,8 @@ class RolloutConfig:
             _fail(self.SECTION, "mem_fraction_static", f"must be in (0, 1), got {self.mem_fraction_static}")
         if self.timeout_s <= 0:
             _fail(self.SECTION, "timeout_s", f"must be positive, got {self.timeout_s}")
+        if self.health_check_s < 0:
+            _fail(self.SECTION, "health_check_s", f"must be >= 0 (0: off), got {self.health_check_s}")
         if self.max_running_requests < 1:
             _fail(self.SECTION, "max_running_requests", f"must be >= 1, got {self.max_running_requests}")
         if self.cuda_graph_max_bs is not None and self.cuda_graph_max_bs < 1:

@@ -5,8 +5,8 @@ on the placed devices, and connects every engine to the actor ranks of its route
 (``rlsys.cluster.routes``); ``Cluster.shutdown()`` ends them all and removes the placement group.
 ``dry_run=True`` places workers that decide everything and build nothing (``rlsys plan --simulate``).
 Every start-up wait is bounded by ``cluster.start_timeout_s`` and names what did not come up. A
-worker that dies makes the next call raise Ray's error in the driver, which ends the run; nothing
-waits forever on a dead worker.
+worker that fails or dies makes the call in flight raise ``WorkerFailed`` in the driver, naming the
+worker (actor rank or engine) and the cause in one line; nothing waits forever on a dead worker.
 
 Rollout streams: each engine gets at most ``rollout.max_running_requests`` requests (samples) per
 call, the next chunk as soon as it returned one, so that a batch of any size has a bounded number
@@ -17,10 +17,12 @@ finishing fails the rollout, naming the engines) instead of one timeout for the 
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from typing import Any
 
 import ray
+from ray.exceptions import RayActorError
 from ray.util.placement_group import remove_placement_group
 
 from rlsys.cluster.placement import (
@@ -35,7 +37,31 @@ from rlsys.cluster.placement import (
 from rlsys.cluster.routes import EngineRoute, sync_routes
 from rlsys.cluster.workers import ActorWorker, EngineWorker
 from rlsys.config import RunConfig
+from rlsys.errors import innermost_cause, one_line
 from rlsys.rollout.base import Sample, SamplingParams, derive_seed
+
+
+class WorkerFailed(RuntimeError):
+    """A worker's call failed or the worker died: ``part`` names it ("actor rank 1", "engine 0")."""
+
+    def __init__(self, part: str, error: BaseException) -> None:
+        self.part, self.error = part, error
+        super().__init__(f"{part}: {failure_reason(error)}")
+
+
+def failure_reason(error: BaseException) -> str:
+    """One line for what went wrong in a worker (``rlsys.errors.one_line``); a worker's death with
+    its process id and Ray's exit detail."""
+    error = innermost_cause(error)
+    if isinstance(error, RayActorError):
+        text = str(error)
+        pid = re.search(r"pid: (\d+)", text)
+        detail = re.search(r"Worker exit detail: (.*?)(?: Some common causes| There are some potential root causes|$)",
+                           text, re.S)
+        who = re.search(r"class_name: (\w+)", text)
+        return (f"its Ray worker {who.group(1) + ' ' if who else ''}(pid {pid.group(1) if pid else '?'}) died"
+                f"{': ' + ' '.join(detail.group(1).split()) if detail else ''} (killed, e.g. by the OOM killer, or crashed)")
+    return one_line(error)
 
 
 class ActorGroup:
@@ -54,7 +80,10 @@ class ActorGroup:
         while pending:
             # No overall limit: a train step may take hours; a hung collective ends at the group's timeout.
             done, pending = ray.wait(pending, num_returns=1, timeout=None)
-            ray.get(done[0], timeout=60)  # raises the rank's error (or its death) now
+            try:
+                ray.get(done[0], timeout=60)  # raises the rank's error (or its death) now
+            except Exception as error:
+                raise WorkerFailed(f"actor rank {results.index(done[0])} ({method})", error) from error
         return ray.get(results[0], timeout=60)
 
     def compute_logprobs(self, batch: Any) -> list[Any]:
@@ -119,8 +148,11 @@ class RolloutGroup:
                     f"(rollout.timeout_s); {sum(map(len, finished.values()))} of {len(prompt_ids) * params.n} "
                     f"samples were done")
             engine, start = running.pop(done[0])
-            finished[start] = [dataclasses.replace(s, prompt_index=s.prompt_index + start)
-                               for s in ray.get(done[0], timeout=self.progress_timeout_s)]
+            try:
+                outputs = ray.get(done[0], timeout=self.progress_timeout_s)
+            except Exception as error:
+                raise WorkerFailed(f"engine {engine} (generate)", error) from error
+            finished[start] = [dataclasses.replace(s, prompt_index=s.prompt_index + start) for s in outputs]
             if queue:
                 submit(engine)
         return [sample for start in sorted(finished) for sample in finished[start]]
@@ -216,10 +248,13 @@ class Cluster:
         return _wait([e.status.remote() for e in self._engines], 120.0,
                      [f"engine {e}" for e in range(len(self._engines))])
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout_s: float = 120.0) -> None:
+        """Ask every worker to stop (its engine, its transports), waiting at most ``timeout_s``, then
+        kill them all. After a failure the wait is short: a rank whose peer died may be stuck in a
+        collective, and killing its Ray worker ends its engine's processes too."""
         for handles, method in ((self._actors, "shutdown"), (self._engines, "shutdown")):
             try:
-                ray.get([getattr(h, method).remote() for h in handles], timeout=120)
+                ray.get([getattr(h, method).remote() for h in handles], timeout=timeout_s)
             except Exception:  # a dead or hung worker is killed below either way
                 pass
         for handle in self._actors + self._engines:

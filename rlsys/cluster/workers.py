@@ -117,6 +117,7 @@ def sglang_engine_args(run: RunConfig, device: str, gpu_index: int) -> dict[str,
         # Colocated on GPU the engine hands its memory back while the actor trains.
         "enable_memory_saver": run.cluster.placement == "colocated" and device == "cuda",
         "timeout_s": rollout.timeout_s, "startup_timeout_s": run.cluster.start_timeout_s,
+        "health_check_s": rollout.health_check_s,
         "extra_engine_args": extra,
     }
 
@@ -168,7 +169,8 @@ class EngineWorker:
             else:
                 from rlsys.rollout.sglang_engine import SGLangEngine
 
-                self.engine = SGLangEngine(model_path, **arguments, log_path=logs / f"engine_{engine}.sglang.log")
+                self.engine = SGLangEngine(model_path, **arguments, log_path=logs / f"engine_{engine}.sglang.log",
+                                           name=f"sglang engine {engine}")
                 self.engine_args = dict(self.engine.engine_args)
         self.engine_args["kind"] = self.kind
         self.startup_s = time.monotonic() - started

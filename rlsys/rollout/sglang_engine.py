@@ -52,6 +52,16 @@ Choices:
   ``begin_weight_update()`` runs in a session of its own. The prefix cache is flushed after an
   update by a separate flush that waits for the scheduler to be idle, never by sglang's
   flush-after-update, which asserts an idle scheduler (see ``_in_session``).
+- Liveness (``health_check_s``, 0: off): a thread checks the engine every ``health_check_s``
+  seconds. Idle, it asks for one token (the whole path: worker, scheduler, detokenizer) within
+  ``health_check_s``. Busy, a one-token request would queue behind the call in flight, so it
+  looks at the processes instead: the call is hung when one of them is stopped (SIGSTOP, a
+  debugger) or a zombie, or, during a generate, when none of them used any CPU time since the
+  last check (a generating scheduler always does; one waiting in a weight broadcast may not,
+  so that test is left out of updates). A hung engine is killed, with everything under it: the
+  call in flight, or the next one, raises ``RolloutEngineError`` saying why. Inside a weight-update
+  session, and while the memory is released, the idle check is skipped (sglang may hold
+  generation until the session ends; a released engine has no weights to generate with).
 - ``release_memory``/``resume_memory`` (GPU colocation) need ``enable_memory_saver=True``; on CPU there
   is no device memory to hand back and they only log that.
 """
@@ -251,6 +261,8 @@ class SGLangEngine(WeightUpdateSessions):
         log_path: str | Path | None = None,
         log_level: str = "warning",
         extra_engine_args: Mapping[str, Any] | None = None,
+        name: str | None = None,
+        health_check_s: float = 0.0,
     ) -> None:
         """Start the worker and its sglang engine; returns once the engine serves requests.
 
@@ -258,16 +270,22 @@ class SGLangEngine(WeightUpdateSessions):
         ``mem_fraction_static`` and ``max_total_tokens`` left as ``None`` take sglang's defaults on
         GPU and ``rlsys.platform.sglang_cpu``'s on CPU. ``extra_engine_args`` are further
         sglang ``ServerArgs`` fields. The worker's output goes to ``log_path`` (default: a new file in
-        the temporary directory; see ``self.log_path``).
+        the temporary directory; see ``self.log_path``). ``name`` starts every error message (default:
+        "sglang engine (model <path>)"); ``health_check_s`` is the liveness period (see the top).
         """
         self.model_path = str(model_path)
         self.device = device
-        self.name = f"sglang engine (model {self.model_path})"
+        self.name = name or f"sglang engine (model {self.model_path})"
         self.timeout_s = timeout_s
+        self.health_check_s = health_check_s
         self._request_ids = itertools.count()
         self._lock = threading.Lock()
         self._closed = False
         self._in_session = False
+        self._released = False
+        self._busy_with: str | None = None
+        self.hung: str | None = None
+        """Why the liveness check killed the engine (None while it has not)."""
         requested = {
             "model_path": self.model_path,
             "tp_size": tp_size,
@@ -294,6 +312,9 @@ class SGLangEngine(WeightUpdateSessions):
             raise
         self.sglang_child_pids: list[int] = ready["child_pids"]
         self.startup_s = time.monotonic() - started
+        self._stop_watch = threading.Event()
+        if health_check_s > 0:
+            threading.Thread(target=self._watch, name="rlsys-engine-liveness", daemon=True).start()
 
     def _launch_worker(self) -> tuple[Connection, subprocess.Popen[bytes]]:
         env = sglang_cpu.sglang_process_env() if sglang_cpu.is_cpu_device(self.device) else dict(os.environ)
@@ -338,6 +359,7 @@ class SGLangEngine(WeightUpdateSessions):
         if self._closed:
             return
         self._closed = True
+        self._stop_watch.set()
         graceful = False
         with contextlib.suppress(RolloutEngineError):
             if self._process.poll() is None:
@@ -425,6 +447,7 @@ class SGLangEngine(WeightUpdateSessions):
             logger.info("%s: release_memory does nothing on CPU (no device memory to release)", self.name)
             return
         self._call("release_memory", timeout_s)
+        self._released = True
 
     def resume_memory(self, *, timeout_s: float | None = None) -> None:
         """Take the memory released by ``release_memory`` back (the weights must be reloaded after)."""
@@ -432,6 +455,7 @@ class SGLangEngine(WeightUpdateSessions):
             logger.info("%s: resume_memory does nothing on CPU (nothing was released)", self.name)
             return
         self._call("resume_memory", timeout_s)
+        self._released = False
 
     # -------------------------------------------------------------- plumbing
 
@@ -439,9 +463,45 @@ class SGLangEngine(WeightUpdateSessions):
         if self._closed and not allow_closed:
             raise RolloutEngineError(f"{self.name}: {method}: the engine was shut down")
         with self._lock:
-            return self._call_locked(method, self.timeout_s if timeout_s is None else timeout_s, kwargs)
+            self._busy_with = method
+            try:
+                return self._call_locked(method, self.timeout_s if timeout_s is None else timeout_s, kwargs)
+            finally:
+                self._busy_with = None
+
+    # -------------------------------------------------------------- liveness (see the top)
+
+    def _watch(self) -> None:
+        cpu_before: float | None = None
+        while not self._stop_watch.wait(self.health_check_s):
+            if self._process.poll() is not None:
+                return  # dead: the next call reports it
+            if self._lock.acquire(blocking=False):
+                cpu_before = None
+                try:
+                    if self._closed or self._in_session or self._released:
+                        continue
+                    try:
+                        self._call_locked("health", self.health_check_s, {})
+                        continue
+                    except RolloutEngineError as error:
+                        problem = f"it did not answer a one-token request within {self.health_check_s:g} s ({error})"
+                finally:
+                    self._lock.release()
+            else:
+                problem, cpu_before = busy_engine_problem(self._process.pid, self._busy_with, cpu_before)
+            if problem is not None:
+                self._declare_hung(problem)
+                return
+
+    def _declare_hung(self, problem: str) -> None:
+        self.hung = f"hung: {problem}; found by the liveness check (rollout.health_check_s={self.health_check_s:g})"
+        logger.error("%s: %s; killing it", self.name, self.hung)
+        self._kill_tree(wait_s=0.1)  # the call in flight reads end-of-file and raises with self.hung
 
     def _call_locked(self, method: str, timeout: float, kwargs: dict[str, Any]) -> Any:
+        if self.hung is not None:
+            raise self._death(method)
         request_id = next(self._request_ids)
         if method in _SESSION_UPDATES:
             kwargs["own_session"] = not self._in_session
@@ -468,13 +528,15 @@ class SGLangEngine(WeightUpdateSessions):
                 raise self._death(method)
 
     def _death(self, method: str) -> RolloutEngineError:
+        if self.hung is not None:
+            return RolloutEngineError(f"{self.name}: {method}: {self.hung}")
         try:
             code = self._process.wait(timeout=5)
         except subprocess.TimeoutExpired:
             code = None
         state = "closed its connection" if code is None else f"exited with code {code}"
         return RolloutEngineError(
-            f"{self.name}: {method}: the engine process {state}. End of its log ({self.log_path}):\n"
+            f"{self.name}: {method}: the engine process {state} (its log: {self.log_path})\nEnd of the log:\n"
             + self._log_tail()
         )
 
@@ -489,17 +551,21 @@ class SGLangEngine(WeightUpdateSessions):
         """End the worker and everything under it. After a graceful shutdown the worker is stopping
         sglang and exits by itself; otherwise it is killed at once. sglang's children die with the
         worker (PR_SET_PDEATHSIG), but they are collected first and killed too, in case one is stuck."""
-        import psutil
-
         with contextlib.suppress(OSError):
             self._conn.close()
+        self._kill_tree(wait_s=60 if graceful else 0.1)
+
+    def _kill_tree(self, wait_s: float) -> None:
+        """Wait ``wait_s`` for the worker to exit, else kill it; then kill what is left under it."""
+        import psutil
+
         try:
             descendants = psutil.Process(self._process.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             descendants = []
         if self._process.poll() is None:
             try:
-                self._process.wait(timeout=60 if graceful else 0.1)
+                self._process.wait(timeout=wait_s)
             except subprocess.TimeoutExpired:
                 self._process.kill()
                 self._process.wait()
@@ -507,6 +573,34 @@ class SGLangEngine(WeightUpdateSessions):
             with contextlib.suppress(psutil.NoSuchProcess):
                 process.kill()
         psutil.wait_procs(descendants, timeout=10)
+
+
+def busy_engine_problem(worker_pid: int, call: str | None, cpu_before: float | None) -> tuple[str | None, float | None]:
+    """(why the engine under ``worker_pid`` is hung in ``call``, or None; its CPU seconds so far).
+
+    Hung: a process of it stopped or a zombie, or during a generate no CPU time used since
+    ``cpu_before`` (the previous check's figure; None: no previous check)."""
+    import psutil
+
+    try:
+        worker = psutil.Process(worker_pid)
+        processes = [worker, *worker.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return None, None  # dead: the call in flight reports it
+    cpu = 0.0
+    for process in processes:
+        try:
+            status = process.status()
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        if status in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP, psutil.STATUS_ZOMBIE):
+            role = "worker" if process.pid == worker_pid else "sglang process"
+            return f"its {role} (pid {process.pid}) is {status} during {call}", None
+        cpu += times.user + times.system
+    if call == "generate" and cpu_before is not None and cpu <= cpu_before:
+        return f"none of its processes used any CPU time during {call} since the last check", None
+    return None, cpu
 
 
 def _new_log_file() -> Path:

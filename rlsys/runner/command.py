@@ -22,7 +22,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from rlsys.config import ConfigError, load_config
     from rlsys.data import DataError
     from rlsys.runner.checkpoints import ResumeError
-    from rlsys.runner.grpo import Interrupted, train
+    from rlsys.runner.grpo import Interrupted, RunFailed, train
 
     run = load_config(args.config, args.overrides)
     logs = log_dir(run.runner.output_dir)
@@ -39,6 +39,12 @@ def _run_train(args: argparse.Namespace) -> int:
         return 128 + exc.signum
     except ConfigError:
         raise  # found at start too: rlsys.cli prints it as a config error
+    except RunFailed as exc:
+        if not exc.expected:  # an error in rlsys itself: its traceback is what a bug report needs
+            traceback.print_exception(exc.error)
+        print(f"rlsys train: error: {exc}", file=sys.stderr)
+        _name_worker_logs(logs)
+        return 1
     except Exception:
         # A worker's exception arrives here with the worker's traceback (Ray re-raises it).
         traceback.print_exc()

@@ -25,6 +25,9 @@ Choices, and what must stay true:
 - A step whose every group the filter dropped trains on nothing and skips the sync.
 - Timestamps (seconds since the trainer started): ``time/generation_start``/``_end`` of the step's
   first batch and ``time/train_start``/``_end``, so overlap can be read from the event files.
+- A failure inside a step (a worker died or failed, an engine hung, a save failed) ends the run
+  as ``RunFailed``: the step, its phase, the part that failed and the last complete checkpoint, in
+  one line; the workers are then given 10 s to stop before they are killed.
 - Memory when colocated on GPU: the engines release theirs for the train phase; with
   ``actor.offload`` the actor's state lives on the host from the end of each sync until the next
   train phase (RLinf's order), so the engines generate with the whole GPU.
@@ -44,7 +47,7 @@ from typing import Any
 
 import ray
 
-from rlsys.cluster.groups import Cluster
+from rlsys.cluster.groups import Cluster, WorkerFailed, failure_reason
 from rlsys.cluster.logs import log_dir
 from rlsys.config import REPO_ROOT, RunConfig, load_config, to_dict
 from rlsys.data import PromptBatches, load_train_prompts, load_val_prompts
@@ -96,14 +99,31 @@ class Interrupted(Exception):
         super().__init__(f"stopped by {name} after step {step}; {saved}")
 
 
+class RunFailed(RuntimeError):
+    """A step failed: ``phase`` of ``step``, because of ``error``; ``checkpoint`` is the last
+    complete one (None: none yet). ``expected``: a fault of a part (a worker died, an engine hung,
+    a save failed), as opposed to an error in rlsys itself, whose traceback is worth showing."""
+
+    def __init__(self, step: int, phase: str, error: BaseException, checkpoint: Path | None) -> None:
+        self.step, self.phase, self.error, self.checkpoint = step, phase, error, checkpoint
+        self.expected = isinstance(error, (WorkerFailed, checkpoints.CheckpointSaveError, TimeoutError))
+        saved = (f"last complete checkpoint: {checkpoint} (a rerun with the same runner.output_dir resumes "
+                 f"from it)") if checkpoint else "no checkpoint was saved yet"
+        where = f"step {step}" if step else "before the first step"
+        super().__init__(f"{where} failed in {phase}: {failure_reason(error)}; {saved}")
+
+
 def train(run: RunConfig) -> TrainResult:
     stop = StopSignals()
     try:
         trainer = GRPOTrainer(run, stop)
         try:
-            return trainer.fit()
-        finally:
-            trainer.close()
+            result = trainer.fit()
+        except BaseException:
+            trainer.close(shutdown_timeout_s=10.0)
+            raise
+        trainer.close()
+        return result
     finally:
         stop.restore()
 
@@ -155,7 +175,7 @@ class GRPOTrainer:
         self.val_prompts = self.val_prompts[:run.runner.val_max_prompts or None]
         self.resumed_from = checkpoints.resume_point(self.output_dir / "checkpoints", run.runner.resume,
                                                      run.runner.resume_dir)
-        self.step, self.times, self.batches_taken = 0, {}, 0
+        self.step, self.times, self.batches_taken, self.phase = 0, {}, 0, "start-up"
         self.stop = stop
         self.weights, self.rollouts = EngineWeights(), None
         self.started_ray = not ray.is_initialized()
@@ -206,6 +226,14 @@ class GRPOTrainer:
                              first_batch_number=self.batches_taken, timeout_s=self.run.rollout.timeout_s)
 
     def fit(self) -> TrainResult:
+        try:
+            return self.steps()
+        except (Interrupted, KeyboardInterrupt, RunFailed):
+            raise
+        except Exception as error:
+            raise RunFailed(self.step, self.phase, error, self.last_checkpoint()) from error
+
+    def steps(self) -> TrainResult:
         runner = self.run.runner
         if self.step == 0 and runner.val_interval:
             self.record(0, self.validate(0), advance=False)
@@ -230,9 +258,14 @@ class GRPOTrainer:
             return
         if self.run.runner.save_on_interrupt and not saved and self.step > 0:
             self.save()
+        raise Interrupted(self.stop.received[0], self.step, self.last_checkpoint())
+
+    def last_checkpoint(self) -> Path | None:
+        """The newest checkpoint with a COMPLETE marker (unverified: hashing a large one takes
+        minutes; resume verifies), else the one this run resumed from."""
         root = self.output_dir / "checkpoints"
-        newest = checkpoints.resume_point(root, True, None) if root.is_dir() else None
-        raise Interrupted(self.stop.received[0], self.step, newest)
+        complete = checkpoints.complete_checkpoints(root) if root.is_dir() else []
+        return complete[-1][1] if complete else self.resumed_from
 
     def train_step(self, step: int) -> dict[str, float]:
         """One GRPO step, one role per line."""
@@ -303,6 +336,7 @@ class GRPOTrainer:
                    "rollout/staleness_max": float(max(staleness, default=0)),
                    "rollout/dropped_stale": float(dropped), "rollout/refill_rounds": float(refills),
                    "reward/timeouts": float(timeouts), "reward/crashes": float(crashes),
+                   "reward/pool_restarts": float(self.reward.pool_restarts),
                    "time/generation": generation_s,
                    "time/generation_start": first.started - self.started_at,
                    "time/generation_end": first.finished - self.started_at}
@@ -347,6 +381,7 @@ class GRPOTrainer:
     def save(self) -> None:
         root = self.output_dir / "checkpoints"
         directory = checkpoints.step_dir(root, self.step)
+        self.phase = "checkpoint"
         self.logger.phase(self.step, "checkpoint")
         # Replaces an unfinished save of this step (a killed run's); a failed save is removed and
         # an OS error (disk full) ends the run as CheckpointSaveError, the previous checkpoint kept.
@@ -362,22 +397,24 @@ class GRPOTrainer:
 
     @contextmanager
     def timed(self, phase: str) -> Iterator[None]:
-        if phase != "step" and self.logger is not None:
-            self.logger.phase(self.step, phase)
+        if phase != "step":
+            self.phase = phase
+            if self.logger is not None:
+                self.logger.phase(self.step, phase)
         started = time.perf_counter()
         try:
             yield
         finally:
             self.times[phase] = self.times.get(phase, 0.0) + time.perf_counter() - started
 
-    def close(self) -> None:
+    def close(self, shutdown_timeout_s: float = 120.0) -> None:
         self.weights.closing.set()
         if self.rollouts is not None:
             self.rollouts.close()
         if self.logger is not None:
             self.logger.close()
         if self.cluster is not None:
-            self.cluster.shutdown()
+            self.cluster.shutdown(shutdown_timeout_s)
         self.reward.__exit__(None, None, None)
         if self.started_ray and ray.is_initialized():
             ray.shutdown()

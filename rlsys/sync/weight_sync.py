@@ -55,6 +55,7 @@ import torch.distributed as dist
 from megatron.core.models.gpt import GPTModel
 
 from rlsys.config import SyncConfig
+from rlsys.errors import one_line
 from rlsys.models.megatron_weights import iter_full_megatron_tensors, iter_hf_weights
 from rlsys.models.weight_mapping import megatron_to_hf
 from rlsys.sync.buckets import MIB, BucketStats, NamedTensors, iter_buckets, tensor_bytes
@@ -237,7 +238,7 @@ def _attempt(transport: WeightTransport | None, phase: str,
     try:
         step(transport)
     except Exception as error:
-        cause = str(error) if isinstance(error, WeightSyncError) else f"{type(error).__name__}: {error}"
+        cause = str(error) if isinstance(error, WeightSyncError) else one_line(error)
         return f"weight sync into {transport.name} failed at {phase}: {cause}", error
     return None
 

@@ -87,11 +87,11 @@ class Rank:
 
 
 def test_a_failing_actor_rank_ends_the_call_at_once_while_others_wait_for_it():
-    from rlsys.cluster.groups import ActorGroup
+    from rlsys.cluster.groups import ActorGroup, WorkerFailed
 
     ranks = [Rank.remote(False), Rank.remote(True)]
     started = time.monotonic()
-    with pytest.raises(ray.exceptions.RayTaskError, match="rank 1 lost its GPU"):
+    with pytest.raises(WorkerFailed, match=r"^actor rank 1 \(train_step\): RuntimeError: rank 1 lost its GPU$"):
         ActorGroup(ranks).train_step({"tokens": [1, 2, 3]})
     assert time.monotonic() - started < 30
     for rank in ranks:

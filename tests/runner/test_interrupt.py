@@ -3,7 +3,8 @@ or the actor running, or exits with a code that a script cannot tell from a cras
 
 Through the real `rlsys train` on the tiny model with real SGLang and Ray: the signal is sent to
 the driver after its first step; the run must stop at the next safe point within 60 s, save,
-exit 128 + signal, leave no process of its own behind, and a rerun must resume from that save."""
+exit 128 + signal, leave no process of its own behind, and (after SIGTERM) a rerun must resume
+from that save."""
 
 from __future__ import annotations
 
@@ -83,6 +84,8 @@ def test_a_signal_saves_stops_cleanly_and_the_rerun_resumes(signum, tiny_model_d
     name = signal.Signals(signum).name
     assert f"stopped by {name} after step" in console and f"last complete checkpoint: {checkpoints[-1]}" in console
     assert not wait_gone(mark), f"processes of the run left after its exit: {processes_marked(mark)}"
+    if signum != signal.SIGTERM:
+        return  # the resume after a stop is the same for both signals: checked once
 
     saved_step = int(checkpoints[-1].name.split("_")[1])
     rerun_log = tmp_path / "rerun.log"
