@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 # Each owns one subcommand: ``add_parser(subparsers)`` adds it, importing nothing heavy.
@@ -80,10 +81,26 @@ def _run_mcore_to_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+class _ConsoleHandler(logging.Handler):
+    """rlsys's own warnings as ``[rlsys] warning: ...`` lines, above the progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(f"[rlsys] {record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
+
+
+def _log_to_console() -> None:
+    root = logging.getLogger("rlsys")
+    if not any(isinstance(h, _ConsoleHandler) for h in root.handlers):
+        root.addHandler(_ConsoleHandler(logging.WARNING))  # with a handler, Python's bare last-resort one stays out
+
+
 def main(argv: list[str] | None = None) -> int:
     from rlsys.config import ConfigError
 
     args = _build_parser().parse_args(argv)
+    _log_to_console()
     try:
         return args.handler(args)
     except ConfigError as exc:

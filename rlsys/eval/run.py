@@ -146,7 +146,7 @@ def _load(benchmark: _Benchmark, answer_type: str, tokenizer: PreTrainedTokenize
     dataset = load_benchmark(benchmark.path, tokenizer, prompt_key=prompt_key, answer_key=answer_key,
                              apply_chat_template=apply_chat_template, system_prompt=system_prompt,
                              prompt_template=prompt_template, max_prompt_length=data.max_prompt_length,
-                             limit=args.limit)
+                             limit=args.limit, max_line_bytes=data.max_line_bytes)
     if not len(dataset):
         raise EvalInputError(f"{benchmark.path}: no problems to evaluate ({dataset.num_dropped_overlong} longer "
                              f"than data.max_prompt_length={data.max_prompt_length} tokens)")

@@ -109,8 +109,8 @@ class RunFailed(RuntimeError):
         self.expected = isinstance(error, (WorkerFailed, checkpoints.CheckpointSaveError, TimeoutError))
         saved = (f"last complete checkpoint: {checkpoint} (a rerun with the same runner.output_dir resumes "
                  f"from it)") if checkpoint else "no checkpoint was saved yet"
-        where = f"step {step}" if step else "before the first step"
-        super().__init__(f"{where} failed in {phase}: {failure_reason(error)}; {saved}")
+        where = f"step {step} failed in {phase}" if step else f"{phase} before the first step failed"
+        super().__init__(f"{where}: {failure_reason(error)}; {saved}")
 
 
 def train(run: RunConfig) -> TrainResult:

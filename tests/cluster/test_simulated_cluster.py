@@ -83,15 +83,13 @@ def test_every_gpu_config_places_on_its_cluster_shape(simulated_cluster, name):
         # The engine was called by its own route's lead, a rank on its own node.
         assert engine["weights_from"] == [{"rank": route.lead, "node_id": engine["node_id"]}], index
     assert sorted(r for route in cluster.routes for r in route.sources) == list(range(len(ranks)))
-
-
-def test_the_7b_recipe_uses_all_four_nodes_with_tp4_actor_and_tp2_engines(simulated_cluster):
-    _, cluster, engines, _ = _place("qwen2.5-7b-grpo-megatron")
-    ranks = cluster.actor_ranks
-    assert len(ranks) == 32 and {r["tp_rank"] for r in ranks} == {0, 1, 2, 3}
-    assert len({r["node_id"] for r in ranks}) == NODES
-    assert len(engines) == 16 and all(len(e["devices"]) == 2 for e in engines)
-    assert {e["node_id"] for e in engines} == {r["node_id"] for r in ranks}
+    if name == "qwen2.5-7b-grpo-megatron":
+        # The 7B recipe in numbers (checked here: placing it again costs a minute on 2 cores):
+        # all four nodes, a TP4 actor, 16 TP2 engines, engines on every node the actor uses.
+        assert len(ranks) == 32 and {r["tp_rank"] for r in ranks} == {0, 1, 2, 3}
+        assert len({r["node_id"] for r in ranks}) == NODES
+        assert len(engines) == 16 and all(len(e["devices"]) == 2 for e in engines)
+        assert {e["node_id"] for e in engines} == {r["node_id"] for r in ranks}
 
 
 def test_colocated_workers_share_a_bundle_without_hanging(simulated_cluster):

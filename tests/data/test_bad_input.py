@@ -260,9 +260,9 @@ def test_train_prints_what_it_dropped_at_start(tmp_path):
     # A resume directory that does not exist stops the run right after the data is loaded.
     result, _ = _train(tmp_path, f"data.train_files=[{train}]", f"runner.resume_dir={tmp_path / 'none'}")
     assert result.returncode == 2, result.stderr[-3000:]
-    assert f"{train}: dropped 1 malformed of 152 lines (within data.max_malformed_fraction=0.01): {train}:61: " \
-           "not UTF-8" in result.stderr
-    assert "dropped 1 of 151 prompts longer than data.max_prompt_length=512 tokens (data.overlong_prompts=drop)" \
+    assert f"[rlsys] warning: {train}: dropped 1 malformed of 152 lines (within data.max_malformed_fraction=0.01): " \
+           f"{train}:61: not UTF-8" in result.stderr
+    assert "[rlsys] warning: dropped 1 of 151 prompts longer than data.max_prompt_length=512 tokens (data.overlong_prompts=drop)" \
            f" from {train}; the first: {train}:8" in result.stderr
     assert "[rlsys] data: training 150 prompts, 1 longer than 512 tokens dropped, 1 malformed line dropped; " \
            "validation 64 prompts" in result.stderr

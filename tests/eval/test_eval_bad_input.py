@@ -23,9 +23,9 @@ REPO = Path(__file__).resolve().parents[2]
 GOOD = b'{"problem": "What is 1 + 1?", "answer": "2"}\n'
 
 
-def _eval_command(benchmark: Path, output: Path) -> tuple[subprocess.CompletedProcess[str], float]:
-    command = [sys.executable, "-m", "rlsys", "eval", "smollm2-135m-grpo-cpu", "--benchmarks", str(benchmark),
-               "--output", str(output)]
+def _eval_command(benchmark: Path, output: Path, *overrides: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    command = [sys.executable, "-m", "rlsys", "eval", "smollm2-135m-grpo-cpu", *overrides, "--benchmarks",
+               str(benchmark), "--output", str(output)]
     started = time.monotonic()
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
     return result, time.monotonic() - started
@@ -45,6 +45,15 @@ def test_a_50_mb_line_exits_2_at_once_naming_file_and_line(tmp_path: Path) -> No
                                     f"data.max_line_bytes={MAX_LINE_BYTES}"), result.stderr[-3000:]
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
     assert elapsed < 120, f"rlsys eval took {elapsed:.0f} s to reject a 50 MB line"  # about 5 s on an idle machine
+
+
+def test_the_line_limit_is_the_configs(tmp_path: Path) -> None:
+    benchmark = tmp_path / "long-line.jsonl"
+    benchmark.write_bytes(GOOD + b'{"problem": "' + b"y" * 2000 + b'", "answer": "1"}\n')
+    result, _ = _eval_command(benchmark, tmp_path / "out", "data.max_line_bytes=1024")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.startswith(f"rlsys eval: {benchmark}:2: line of 2030 bytes is longer than "
+                                    "data.max_line_bytes=1024"), result.stderr[-3000:]
 
 
 def test_an_empty_benchmark_exits_2_naming_the_file(tmp_path: Path) -> None:

@@ -8,8 +8,9 @@ run within 60 s with exit 1 and one error line naming the step, the phase, the p
 complete checkpoint, and leave no process of the run behind. A killed reward worker is not fatal:
 its pool is replaced and the run goes on.
 
-`make test` runs the rollout kill, the hang and the actor-rank kill; the sync kill (with a rerun
-that resumes) and the reward-worker kill are marked long (`make test-long`): about a minute each."""
+`make test` runs the rollout kill and the hang; the sync kill (with a rerun that resumes), the
+actor-rank kill (TP2, three workers) and the reward-worker kill are marked long (`make test-long`):
+one to two minutes each on 2 cores."""
 
 from __future__ import annotations
 
@@ -155,7 +156,7 @@ def test_a_stopped_engine_is_found_by_the_liveness_check(tiny_model_dir, prompt_
     assert took < 3 * 3 + 30  # found within two periods, then the shutdown
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_an_actor_rank_killed_in_training_ends_the_run_while_its_peer_waits(tiny_model_dir, prompt_files, tmp_path):
     run = FaultRun(tmp_path, tiny_model_dir, prompt_files, **{
         "actor.tp": 2, "cluster.placement": "disaggregated", "cluster.devices_per_node": 3,
