@@ -228,7 +228,7 @@ class GRPOTrainer:
     def fit(self) -> TrainResult:
         try:
             return self.steps()
-        except (Interrupted, KeyboardInterrupt, RunFailed):
+        except Interrupted:
             raise
         except Exception as error:
             raise RunFailed(self.step, self.phase, error, self.last_checkpoint()) from error
