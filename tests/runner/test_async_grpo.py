@@ -22,7 +22,7 @@ from rlsys.runner.checkpoints import TRAINER_STATE
 from tests.runner.conftest import loop_overrides
 from tests.runner.test_grpo_end_to_end import read_event_scalars
 
-STEPS = 4
+STEPS = 3
 ASYNC_SCALARS = ("rollout/staleness_mean", "rollout/staleness_max", "rollout/partial_fraction",
                  "rollout/dropped_stale", "rollout/refill_rounds", "train/is_weight_mean", "train/is_weight_max",
                  "train/is_clipped_fraction", "time/generation_start", "time/generation_end", "time/train_start",
@@ -37,10 +37,14 @@ def _train(overrides: list[str]) -> subprocess.CompletedProcess[str]:
 @pytest.mark.slow
 def test_async_run_overlaps_bounds_staleness_and_continues_partial_responses(tiny_model_dir, prompt_files, tmp_path):
     output = tmp_path / "run"
+    # One-token segments, and the engine serving one request at a time: a batch's generation
+    # (about 3x a training step here) outlasts the step, so each step's weight sync lands while the
+    # next batch is mid-response. With the engine batching all requests, generation and training took
+    # about as long and a sync between two batches was a coin toss.
     settings = {
         "rollout.engine": "sglang", "cluster.placement": "disaggregated", "cluster.devices_per_node": 2,
         "cluster.rollout_devices": 1, "rollout.max_staleness": 1, "rollout.partial_rollout_tokens": 1,
-        "rollout.max_new_tokens": 40, "rollout.n_samples": 4, "runner.total_steps": STEPS,
+        "rollout.max_running_requests": 1, "rollout.max_new_tokens": 32, "runner.total_steps": STEPS,
         "runner.save_interval": STEPS, "algorithm.off_policy_correction": "tis"}
     result = _train(loop_overrides(tiny_model_dir, prompt_files, output, **settings))
     assert result.returncode == 0, result.stderr[-4000:]
