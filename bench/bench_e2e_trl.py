@@ -137,15 +137,10 @@ FLAG_FIELDS = {
 }
 
 
-# TRL trains on every group it samples, once: the CPU default's dynamic sampling (drop the groups
-# whose responses all scored alike, and generate more) is off here, so both do the same work.
-SAME_WORK_AS_TRL = ["algorithm.filter_zero_variance_groups=false", "algorithm.max_refill_rounds=0"]
-
-
 def config_overrides(args: argparse.Namespace) -> list[str]:
     """The bench's settings as Hydra overrides of the experiment; both systems read the result."""
     overrides = [f"{key}={getattr(args, flag)}" for flag, key in FLAG_FIELDS.items() if getattr(args, flag) is not None]
-    return SAME_WORK_AS_TRL + overrides + list(args.set)
+    return overrides + list(args.set)
 
 
 def rlsys_overrides(args: argparse.Namespace) -> list[str]:

@@ -55,9 +55,6 @@ def loop_overrides(model_dir: Path, files: tuple[Path, Path], output_dir: Path, 
         "actor.lr": 1e-3,
         "actor.precision": "fp32",
         "actor.max_tokens_per_microbatch": 512,
-        # Each step trains on the batch it generated, so steps and data positions stay countable.
-        "algorithm.filter_zero_variance_groups": False,
-        "algorithm.max_refill_rounds": 0,
     }
     values.update(settings)
     return [f"{key}={value}" for key, value in values.items()]
