@@ -66,14 +66,15 @@ def test_async_run_overlaps_bounds_staleness_and_continues_partial_responses(tin
     assert state["step"] == STEPS and state["batches_taken"] == STEPS
 
     # A resumed asynchronous run: the batches generated ahead were not saved; it generates from
-    # the saved data position with the checkpoint's weights.
+    # the saved data position with the checkpoint's weights and keeps the bound.
     resumed = _train(loop_overrides(tiny_model_dir, prompt_files, output,
-                                    **{**settings, "runner.total_steps": STEPS + 1}))
+                                    **{**settings, "runner.total_steps": STEPS + 2}))
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert f"resumed from {output / 'checkpoints' / f'step_{STEPS:08d}'} (step {STEPS}," in resumed.stderr
     scalars = read_event_scalars(output)
-    assert sorted(scalars["rollout/staleness_max"]) == list(range(1, STEPS + 2))  # each step once
+    assert sorted(scalars["rollout/staleness_max"]) == list(range(1, STEPS + 3))  # each step once
     assert scalars["rollout/staleness_max"][STEPS + 1] == 0  # the first batch after a resume is fresh
+    assert scalars["rollout/staleness_max"][STEPS + 2] <= 1
 
 
 @pytest.mark.slow
