@@ -464,6 +464,11 @@ class ActorConfig:
     """With recompute_old_logprobs and one minibatch, take the actor's old log-probs from the update's own
     forward pass (detached; the weights have not moved since sampling, so the ratio is 1 by construction)
     instead of a forward pass of their own. Same gradient, one pass less per step."""
+    skip_zero_advantage: bool = True
+    """Leave sequences whose advantage is 0 on every token (groups with equal rewards) out of the update's
+    passes: their gradient is exactly 0 and the loss keeps its normaliser, so the step is the same for
+    less work. Off by itself when algorithm.kl_coef or entropy_coef is set (those terms do count them).
+    The train/ metrics are then over the trained sequences."""
     logits_chunk_tokens: int = 1024
     """Response positions per chunk of the output layer in log-prob and entropy passes: at most this many
     rows of float32 logits (over this rank's vocabulary shard) exist at once."""

@@ -68,6 +68,13 @@ Choices, and what must stay true:
   what a separate pass gives. ``is_weight_max`` is a max over all ranks, not a token mean. The
   ``is_weight_*`` metrics are reported whenever the engine's log-probs come with the batch, a
   correction or not (``off_policy_correction=none`` weights every token 1).
+- Zero-advantage sequences (``actor.skip_zero_advantage``, on unless a KL or entropy term is):
+  a sequence whose advantage is 0 on every loss token adds exactly 0 to the gradient, so it
+  runs no forward or backward pass (nor an old-log-prob pass) while the loss keeps the whole
+  minibatch's normaliser: the same gradient, and the same optimizer step, for less work. In
+  GRPO that is every sequence of a group whose rewards are all equal. A minibatch with no other
+  sequence still takes its optimizer step (on a zero gradient), as the full pass would. The
+  early stop and the metrics then see the trained sequences only.
 - Metrics are token-weighted over all trained microbatches of the step and equal on all ranks.
 """
 
@@ -75,7 +82,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -151,6 +158,13 @@ def _final_hidden_states(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         model.post_process = last_stage
+
+
+def _valid_counts(batch: RolloutBatch, indices: Iterable[int]) -> tuple[float, float]:
+    """Loss-mask tokens of ``indices``, and how many of them have at least one."""
+    counts = [batch.loss_mask[i].sum().item() if batch.loss_mask is not None else batch.response_ids[i].numel()
+              for i in indices]
+    return float(sum(counts)), float(sum(1 for count in counts if count > 0))
 
 
 def _every_kth(mask: Tensor, k: int) -> Tensor | None:
@@ -267,7 +281,8 @@ class MegatronActor:
         means over them), ``grad_norm`` (mean over applied steps, before clipping), ``lr`` (of the
         last step attempted), ``early_stopped``, ``skipped_nonfinite``, ``skipped_overflow``,
         ``optimizer_steps``, ``loss_scale`` (after the last step; 1 without a scaler),
-        ``valid_tokens``, ``microbatches`` (this rank's count) and, given ``rollout_logprobs``,
+        ``valid_tokens`` (of the sequences trained), ``microbatches`` (this rank's count),
+        ``skipped_zero_advantage`` (sequences left out, ``actor.skip_zero_advantage``) and, given ``rollout_logprobs``,
         ``logprob_mismatch`` between them and the old log-probs trained on.
         """
         if self.optimizer is None:
@@ -291,23 +306,33 @@ class MegatronActor:
                     raise ValueError("actor.recompute_old_logprobs is off, so the batch must carry old_logprobs")
                 batch = batch.with_old_logprobs(rollout_logprobs)
             elif not self.old_logprobs_from_update:
-                batch = batch.with_old_logprobs(self.compute_logprobs(batch).logprobs)
+                batch = batch.with_old_logprobs(self._old_logprobs_of(batch, self._trained_sequences(batch)))
         self._update_logprobs = []
 
         totals = torch.zeros(len(_STATS), dtype=torch.float64)
         losses, grad_norms = [], []
         early_stopped_minibatches = skipped_nonfinite = skipped_overflow = applied = microbatch_count = 0
         lr = self._current_lr()
+        trained = set(self._trained_sequences(batch))
         for minibatch in minibatch_slices(len(batch), self.actor.n_minibatches):
-            microbatches = self._microbatches(batch, minibatch)
-            microbatch_count += len(microbatches)
-            num_tokens, num_seqs = self._global_counts(microbatches)
+            # The normaliser counts the whole minibatch; only sequences with a gradient run.
+            num_tokens, num_seqs = _valid_counts(batch, minibatch)
             if num_tokens == 0:
                 continue
-            if self._minibatch_early_stop(microbatches):
+            microbatches = self._microbatches(batch, [index for index in minibatch if index in trained])
+            microbatch_count += len(microbatches)
+            if not microbatches:
+                # Every advantage is 0: the gradient is 0, and the step still runs as it would
+                # after a full pass (Adam's moments and weight decay move the weights).
+                self.wrapped.zero_grad_buffer()
+                self.optimizer.zero_grad()
+                stats = torch.zeros(len(_STATS), dtype=torch.float64)
+                stats[_STATS.index("contributing_tokens")] = num_tokens
+            elif self._minibatch_early_stop(microbatches):
                 early_stopped_minibatches += 1
                 continue
-            stats = self._forward_backward(microbatches, num_tokens, num_seqs)
+            else:
+                stats = self._forward_backward(microbatches, num_tokens, num_seqs)
             weight_max = max(totals[_MAX_STAT].item(), stats[_MAX_STAT].item())
             totals += stats
             totals[_MAX_STAT] = weight_max
@@ -372,6 +397,7 @@ class MegatronActor:
             "loss_scale": self._loss_scale(),
             "valid_tokens": tokens,
             "microbatches": float(microbatch_count),
+            "skipped_zero_advantage": float(len(batch) - len(trained)),
         }
 
     def forward_backward(self, batch: RolloutBatch) -> dict[str, float]:
@@ -385,7 +411,7 @@ class MegatronActor:
             raise ValueError("forward_backward needs a training actor and a batch with advantages")
         self._update_logprobs = []
         microbatches = self._microbatches(batch, range(len(batch)))
-        num_tokens, num_seqs = self._global_counts(microbatches)
+        num_tokens, num_seqs = _valid_counts(batch, range(len(batch)))
         stats = self._forward_backward(microbatches, num_tokens, num_seqs)
         return {
             "policy_loss": stats[_STATS.index("loss")].item(),
@@ -673,14 +699,32 @@ class MegatronActor:
         groups = equalize_microbatch_count(groups, int(count.item()))
         return [build_microbatch(batch, group, self._length_multiple) for group in groups]
 
-    def _global_counts(self, microbatches: list[Microbatch]) -> tuple[float, float]:
-        """Valid tokens and sequences with a valid token, over the minibatch on all DP ranks."""
-        counts = torch.zeros(2, dtype=torch.float64, device=self.layout.device)
-        for microbatch in microbatches:
-            counts[0] += microbatch.loss_mask.sum()
-            counts[1] += (microbatch.loss_mask.sum(dim=-1) > 0).sum()
-        dist.all_reduce(counts, group=self._dp_group)
-        return counts[0].item(), counts[1].item()
+    def _trained_sequences(self, batch: RolloutBatch) -> list[int]:
+        """The sequences the update runs: all, or with ``actor.skip_zero_advantage`` those whose
+        gradient is not 0 by construction.
+
+        A sequence whose advantage is 0 on every token of its loss mask adds exactly 0 to the
+        policy term's gradient; only the KL and entropy terms, which do not depend on the
+        advantage, would make it count.
+        """
+        indices = range(len(batch))
+        if not self.actor.skip_zero_advantage or self.algorithm.kl_coef != 0 or self.algorithm.entropy_coef != 0:
+            return list(indices)
+        masks = batch.loss_mask
+        return [
+            index for index in indices
+            if bool((batch.advantages[index][masks[index]] if masks is not None else batch.advantages[index]).any())
+        ]
+
+    def _old_logprobs_of(self, batch: RolloutBatch, indices: list[int]) -> list[Tensor]:
+        """The actor's log-probs of ``indices`` (empty tensors elsewhere), from a pass of their own."""
+        old = [torch.zeros(0) for _ in range(len(batch))]
+        if indices:
+            subset = RolloutBatch(*(None if values is None else [values[i] for i in indices]
+                                    for values in (getattr(batch, f.name) for f in dataclasses.fields(batch))))
+            for index, logprobs in zip(indices, self.compute_logprobs(subset).logprobs, strict=True):
+                old[index] = logprobs
+        return old
 
     def _run_schedule(
         self, microbatches: list[Microbatch], loss_func: Callable[..., Any], *, forward_only: bool

@@ -67,7 +67,8 @@ TRAIN_METRICS = {"policy_loss": "train/policy_loss", "entropy": "train/entropy_l
                  "skipped_nonfinite": "train/skipped_nonfinite", "optimizer_steps": "train/optimizer_steps",
                  "skipped_overflow": "train/skipped_overflow", "loss_scale": "train/loss_scale",
                  "logprob_mismatch": "train/logprob_mismatch", "is_weight_mean": "train/is_weight_mean",
-                 "is_weight_max": "train/is_weight_max", "is_clipped_fraction": "train/is_clipped_fraction"}
+                 "is_weight_max": "train/is_weight_max", "is_clipped_fraction": "train/is_clipped_fraction",
+                 "skipped_zero_advantage": "train/skipped_zero_advantage"}
 
 
 def process_age_s() -> float:
