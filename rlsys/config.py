@@ -399,7 +399,7 @@ class ActorConfig:
 
     TRANSFORMER_IMPLS: ClassVar[tuple[str, ...]] = ("auto", "local", "transformer_engine")
     PRECISIONS: ClassVar[tuple[str, ...]] = ("auto", "fp32", "bf16", "fp16")
-    LR_SCHEDULES: ClassVar[tuple[str, ...]] = ("constant", "warmup")
+    LR_SCHEDULES: ClassVar[tuple[str, ...]] = ("constant", "warmup", "cosine")
     RECOMPUTE_GRANULARITIES: ClassVar[tuple[str, ...]] = ("full", "selective")
     RECOMPUTE_METHODS: ClassVar[tuple[str, ...]] = ("uniform", "block")
 
@@ -441,11 +441,16 @@ class ActorConfig:
     lr: float = 1e-6
     """Peak learning rate."""
     lr_schedule: str = "constant"
-    """constant, or warmup: linear from min_lr to lr over lr_warmup_steps optimizer steps, then constant."""
+    """constant; warmup: linear from min_lr to lr over lr_warmup_steps optimizer steps, then constant;
+    cosine: the same warmup (lr_warmup_steps may be 0), then a cosine from lr down to min_lr at optimizer
+    step lr_decay_steps, and min_lr after it."""
     lr_warmup_steps: int = 0
-    """Optimizer steps of linear warmup (lr_schedule=warmup)."""
+    """Optimizer steps of linear warmup (lr_schedule=warmup or cosine)."""
+    lr_decay_steps: int = 0
+    """Optimizer step at which the cosine reaches min_lr (lr_schedule=cosine): runner.total_steps times
+    actor.n_minibatches to decay over the whole run."""
     min_lr: float = 0.0
-    """Learning rate of the first warmup step (lr_schedule=warmup)."""
+    """Learning rate of the first warmup step, and the floor of the cosine."""
     weight_decay: float = 0.01
     """Decoupled (AdamW) weight decay; megatron exempts biases and norm weights."""
     adam_beta1: float = 0.9
@@ -507,6 +512,9 @@ class ActorConfig:
             _fail(self.SECTION, "lr_warmup_steps", f"must be >= 0, got {self.lr_warmup_steps}")
         if self.lr_schedule == "warmup" and self.lr_warmup_steps == 0:
             _fail(self.SECTION, "lr_warmup_steps", "must be >= 1 with lr_schedule=warmup")
+        if self.lr_schedule == "cosine" and self.lr_decay_steps <= self.lr_warmup_steps:
+            _fail(self.SECTION, "lr_decay_steps",
+                  f"must be > lr_warmup_steps={self.lr_warmup_steps} with lr_schedule=cosine, got {self.lr_decay_steps}")
         if self.weight_decay < 0:
             _fail(self.SECTION, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         for name in ("adam_beta1", "adam_beta2"):

@@ -25,8 +25,10 @@ Choices:
   clipping is applied by the actor's own step (it must check the norm before clipping).
 - Scheduler: megatron's ``OptimizerParamScheduler`` with a constant rate; ``warmup`` rises
   linearly from ``min_lr`` to ``lr`` over ``lr_warmup_steps`` optimizer steps (megatron's
-  convention: the first step runs at ``min_lr``, step ``lr_warmup_steps + 1`` at ``lr``).
-  Weight decay is constant.
+  convention: the first step runs at ``min_lr``, step ``lr_warmup_steps + 1`` at ``lr``);
+  ``cosine`` warms up the same way, then step ``k + 1`` runs at
+  ``min_lr + (lr - min_lr) * (1 + cos(pi * (k - warmup) / (lr_decay_steps - warmup))) / 2`` until
+  step ``lr_decay_steps + 1``, and at ``min_lr`` from there. Weight decay is constant.
 """
 
 from __future__ import annotations
@@ -135,15 +137,16 @@ def build_optimizer(wrapped: DistributedDataParallel, actor: ActorConfig) -> Meg
 
 
 def build_scheduler(optimizer: MegatronOptimizer, actor: ActorConfig) -> OptimizerParamScheduler:
-    warmup_steps = actor.lr_warmup_steps if actor.lr_schedule == "warmup" else 0
+    warmup_steps = actor.lr_warmup_steps if actor.lr_schedule in ("warmup", "cosine") else 0
+    cosine = actor.lr_schedule == "cosine"
     return OptimizerParamScheduler(
         optimizer,
         init_lr=actor.min_lr if warmup_steps else actor.lr,
         max_lr=actor.lr,
         min_lr=actor.min_lr,
         lr_warmup_steps=warmup_steps,
-        lr_decay_steps=_CONSTANT_LR_HORIZON,
-        lr_decay_style="constant",
+        lr_decay_steps=actor.lr_decay_steps if cosine else _CONSTANT_LR_HORIZON,
+        lr_decay_style="cosine" if cosine else "constant",
         start_wd=actor.weight_decay,
         end_wd=actor.weight_decay,
         wd_incr_steps=_CONSTANT_LR_HORIZON,

@@ -35,7 +35,9 @@ def test_defaults_compose_with_the_sections() -> None:
         ("actor.recompute_granularity=full", "actor.recompute_method"),
         ("actor.recompute_num_layers=2", "actor.recompute_num_layers"),
         ("actor.sequence_parallel=true", "actor.sequence_parallel"),
-        ("actor.lr_schedule=cosine", "actor.lr_schedule"),
+        ("actor.lr_schedule=linear", "actor.lr_schedule"),
+        ("actor.lr_schedule=cosine", "actor.lr_decay_steps"),
+        ("actor.lr_schedule=cosine actor.lr_warmup_steps=3 actor.lr_decay_steps=3", "actor.lr_decay_steps"),
         ("actor.lr_schedule=warmup", "actor.lr_warmup_steps"),
         ("actor.min_lr=1.0", "actor.min_lr"),
         ("actor.adam_beta2=1.0", "actor.adam_beta2"),
@@ -53,7 +55,7 @@ def test_defaults_compose_with_the_sections() -> None:
 )
 def test_bad_value_names_the_field(override: str, field: str) -> None:
     with pytest.raises(ConfigError) as info:
-        load_config("smollm2-135m-grpo-cpu", [override])
+        load_config("smollm2-135m-grpo-cpu", override.split())
     assert str(info.value).startswith(field + ":"), str(info.value)
 
 

@@ -206,6 +206,18 @@ def _old_logprobs_of_start(model_dir: str, settings: dict[str, Any]) -> list[tor
     return logprobs
 
 
+COSINE: dict[str, Any] = dict(lr_schedule="cosine", lr=1e-3, min_lr=1e-4, lr_warmup_steps=1, lr_decay_steps=4)
+
+
+def _cosine_lrs(model_dir: str) -> list[float]:
+    """The learning rate of each of 6 steps under the cosine schedule."""
+    batch = _batch(_old_logprobs_of_start(model_dir, {}))
+    actor = _actor(model_dir, **dict(TRAIN_ACTOR, n_minibatches=1, **COSINE))
+    lrs = [actor.train_step(batch)["lr"] for _ in range(6)]
+    actor.close()
+    return lrs
+
+
 def _two_rank_worker(rank: int, world_size: int, model_dirs: dict[str, str], old: list, work_dir: str) -> dict:
     report: dict[str, Any] = {"logprobs": {}, "train": {}}
     report["update_logprobs"] = _update_logprobs_check(dict(tp=2), model_dirs[TRAIN_MODEL])
@@ -303,6 +315,7 @@ def _one_rank_worker(
     report: dict[str, Any] = {"logprobs": {"tp1": _logprobs_of_configs({}, model_dirs)}, "train": {}}
     report["update_logprobs"] = _update_logprobs_check({}, model_dirs[TRAIN_MODEL])
     report["zero_advantage"] = _zero_advantage_check({}, model_dirs[TRAIN_MODEL])
+    report["cosine_lrs"] = _cosine_lrs(model_dirs[TRAIN_MODEL])
     report["train"]["tp1"] = _train({}, model_dirs[TRAIN_MODEL], old, TRAIN_STEPS, 2, f"{work_dir}/tp1")
 
     actor = _actor(model_dirs[TRAIN_MODEL], **TRAIN_ACTOR)
@@ -610,3 +623,14 @@ def test_zero_advantage_sequences_left_out_give_the_same_steps(
 
 def _optimizer_steps_of(name: str) -> float:
     return 2.0 if name == "two_minibatches" else 1.0
+
+
+def test_cosine_schedule_warms_up_then_follows_the_cosine_to_min_lr(one_rank: dict) -> None:
+    top, bottom, warmup, decay = COSINE["lr"], COSINE["min_lr"], COSINE["lr_warmup_steps"], COSINE["lr_decay_steps"]
+
+    def cosine(k: int) -> float:  # the rate of optimizer step k + 1, worked out by hand
+        return bottom + (top - bottom) * (1 + math.cos(math.pi * (k - warmup) / (decay - warmup))) / 2
+
+    expected = [bottom, top, cosine(2), cosine(3), bottom, bottom]
+    assert expected[2] == pytest.approx(1e-4 + 9e-4 * 0.75) and expected[3] == pytest.approx(1e-4 + 9e-4 * 0.25)
+    assert one_rank["cosine_lrs"] == pytest.approx(expected, rel=1e-9)
