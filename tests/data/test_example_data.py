@@ -108,3 +108,23 @@ def test_every_prompt_fits_the_cpu_config(smollm2_tokenizer):
 
 def test_shipped_files_are_small():
     assert sum((DATA_DIR / name).stat().st_size for name in SHIPPED) < 1_000_000
+
+
+def test_sample_val_scores_samples_of_the_real_model_with_the_reward(tmp_path: Path) -> None:
+    # Two problems the untrained model answers greedily right (9 + 5) and wrong (3 - 7, it drops
+    # the sign): near-greedy sampling must find the first right and the second wrong.
+    records = [json.loads(line) for line in (DATA_DIR / "arithmetic_val.jsonl").read_text().splitlines()]
+    picked = [r for r in records if r["prompt"].endswith("Calculate 9 + 5.")]
+    picked += [r for r in records if r["prompt"].endswith("Calculate 3 - 7.")]
+    val_file = tmp_path / "val.jsonl"
+    val_file.write_text("".join(json.dumps(r) + "\n" for r in picked))
+    result = subprocess.run(
+        [sys.executable, str(DATA_DIR / "sample_val.py"), "--val-file", str(val_file), "--samples", "2",
+         "--temperature", "0.01", "--max-new-tokens", "24"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = {line.split("  ")[0]: line for line in result.stdout.splitlines()}
+    assert re.search(r"1 of 1\s+100.0%", rows["add_sub_1digit, positive"]), result.stdout
+    assert re.search(r"0 of 1\s+0.0%", rows["add_sub_1digit, negative"]), result.stdout
+    assert re.search(r"1 of 2\s+50.0%", rows["all"]), result.stdout
