@@ -300,26 +300,27 @@ class MegatronActor:
                 lp.numel() == r.numel() for lp, r in zip(rollout_logprobs, batch.response_ids, strict=True)):
             batch = batch.with_behaviour_logprobs(rollout_logprobs)  # for the is_weight metrics only
         weighed = batch.behaviour_logprobs is not None
+        trained = self._trained_sequences(batch)
         if batch.old_logprobs is None:
             if not self.actor.recompute_old_logprobs:
                 if rollout_logprobs is None:
                     raise ValueError("actor.recompute_old_logprobs is off, so the batch must carry old_logprobs")
                 batch = batch.with_old_logprobs(rollout_logprobs)
             elif not self.old_logprobs_from_update:
-                batch = batch.with_old_logprobs(self._old_logprobs_of(batch, self._trained_sequences(batch)))
+                batch = batch.with_old_logprobs(self._old_logprobs_of(batch, trained))
         self._update_logprobs = []
 
         totals = torch.zeros(len(_STATS), dtype=torch.float64)
         losses, grad_norms = [], []
         early_stopped_minibatches = skipped_nonfinite = skipped_overflow = applied = microbatch_count = 0
         lr = self._current_lr()
-        trained = set(self._trained_sequences(batch))
+        to_train = set(trained)
         for minibatch in minibatch_slices(len(batch), self.actor.n_minibatches):
             # The normaliser counts the whole minibatch; only sequences with a gradient run.
             num_tokens, num_seqs = _valid_counts(batch, minibatch)
             if num_tokens == 0:
                 continue
-            microbatches = self._microbatches(batch, [index for index in minibatch if index in trained])
+            microbatches = self._microbatches(batch, [index for index in minibatch if index in to_train])
             microbatch_count += len(microbatches)
             if not microbatches:
                 # Every advantage is 0: the gradient is 0, and the step still runs as it would
