@@ -177,41 +177,37 @@ def _update_logprobs_check(settings: dict[str, Any], model_dir: str) -> dict[str
 ZERO_ADVANTAGES = (0.0, 0.0, 0.0, -0.5, 0.0, 0.8)  # the first minibatch of two is all zero
 
 
-def _zero_advantage_check(settings: dict[str, Any], model_dir: str) -> dict[str, Any]:
+def _zero_advantage_check(settings: dict[str, Any], model_dir: str, start: list[torch.Tensor]) -> dict[str, Any]:
     """Two steps with and without ``skip_zero_advantage`` from the same weights, in the two ways the
     old log-probs come: a pass of their own over two minibatches (the first all zero, so it takes
-    its step on a zero gradient), and the update's own pass in one minibatch."""
+    its step on a zero gradient), and the update's own pass in one minibatch. ``start``: the
+    log-probs of the initial weights, to show the steps moved them."""
     report: dict[str, Any] = {}
-    for name, layout in {"two_minibatches": dict(n_minibatches=2), "one_minibatch": dict(n_minibatches=1)}.items():
+    for name, minibatches in {"two_minibatches": 2, "one_minibatch": 1}.items():
         runs = {}
         for skip in (False, True):
-            config = dict(TRAIN_ACTOR, recompute_old_logprobs=True, skip_zero_advantage=skip, **layout, **settings)
+            config = dict(TRAIN_ACTOR, recompute_old_logprobs=True, skip_zero_advantage=skip,
+                          n_minibatches=minibatches, **settings)
             actor = _actor(model_dir, **config)
             batch = _batch(advantages=ZERO_ADVANTAGES)
             steps = [actor.train_step(batch) for _ in range(2)]
             runs[skip] = {"steps": steps, "after": actor.compute_logprobs(batch).logprobs}
             actor.close()
         report[name] = {
+            "minibatches": minibatches,
             "steps": (runs[False]["steps"], runs[True]["steps"]),
             "after_difference": max_abs_diff(runs[False]["after"], runs[True]["after"]),
-            "moved": max_abs_diff(runs[False]["after"], _old_logprobs_of_start(model_dir, settings)),
+            "moved": max_abs_diff(runs[False]["after"], start),
         }
     return report
-
-
-def _old_logprobs_of_start(model_dir: str, settings: dict[str, Any]) -> list[torch.Tensor]:
-    actor = _actor(model_dir, for_training=False, **LOGPROB_ACTOR, **settings)
-    logprobs = actor.compute_logprobs(_batch()).logprobs
-    actor.close()
-    return logprobs
 
 
 COSINE: dict[str, Any] = dict(lr_schedule="cosine", lr=1e-3, min_lr=1e-4, lr_warmup_steps=1, lr_decay_steps=4)
 
 
-def _cosine_lrs(model_dir: str) -> list[float]:
+def _cosine_lrs(model_dir: str, old: list[torch.Tensor]) -> list[float]:
     """The learning rate of each of 6 steps under the cosine schedule."""
-    batch = _batch(_old_logprobs_of_start(model_dir, {}))
+    batch = _batch(old)
     actor = _actor(model_dir, **dict(TRAIN_ACTOR, n_minibatches=1, **COSINE))
     lrs = [actor.train_step(batch)["lr"] for _ in range(6)]
     actor.close()
@@ -221,7 +217,7 @@ def _cosine_lrs(model_dir: str) -> list[float]:
 def _two_rank_worker(rank: int, world_size: int, model_dirs: dict[str, str], old: list, work_dir: str) -> dict:
     report: dict[str, Any] = {"logprobs": {}, "train": {}}
     report["update_logprobs"] = _update_logprobs_check(dict(tp=2), model_dirs[TRAIN_MODEL])
-    report["zero_advantage"] = _zero_advantage_check(dict(tp=2), model_dirs[TRAIN_MODEL])
+    report["zero_advantage"] = _zero_advantage_check(dict(tp=2), model_dirs[TRAIN_MODEL], old)
     report["logprobs"]["tp2"] = _logprobs_of_configs(dict(tp=2), model_dirs)
     report["logprobs"]["tp2-sp"] = _logprobs_of_configs(
         dict(tp=2, sequence_parallel=True), {TRAIN_MODEL: model_dirs[TRAIN_MODEL]}
@@ -314,8 +310,8 @@ def _one_rank_worker(
 ) -> dict:
     report: dict[str, Any] = {"logprobs": {"tp1": _logprobs_of_configs({}, model_dirs)}, "train": {}}
     report["update_logprobs"] = _update_logprobs_check({}, model_dirs[TRAIN_MODEL])
-    report["zero_advantage"] = _zero_advantage_check({}, model_dirs[TRAIN_MODEL])
-    report["cosine_lrs"] = _cosine_lrs(model_dirs[TRAIN_MODEL])
+    report["zero_advantage"] = _zero_advantage_check({}, model_dirs[TRAIN_MODEL], old)
+    report["cosine_lrs"] = _cosine_lrs(model_dirs[TRAIN_MODEL], old)
     report["train"]["tp1"] = _train({}, model_dirs[TRAIN_MODEL], old, TRAIN_STEPS, 2, f"{work_dir}/tp1")
 
     actor = _actor(model_dirs[TRAIN_MODEL], **TRAIN_ACTOR)
@@ -615,14 +611,10 @@ def test_zero_advantage_sequences_left_out_give_the_same_steps(
             assert result["after_difference"] < LOGPROB_TOLERANCE, name
             for full_step, skipped_step in zip(full, skipped, strict=True):
                 assert full_step["skipped_zero_advantage"] == 0 and skipped_step["skipped_zero_advantage"] == zeros
-                assert skipped_step["optimizer_steps"] == full_step["optimizer_steps"] == _optimizer_steps_of(name)
+                assert skipped_step["optimizer_steps"] == full_step["optimizer_steps"] == result["minibatches"]
                 assert skipped_step["microbatches"] < full_step["microbatches"], name
                 for key in ("policy_loss", "grad_norm", "lr"):
                     assert math.isclose(full_step[key], skipped_step[key], rel_tol=1e-5, abs_tol=1e-7), (name, key)
-
-
-def _optimizer_steps_of(name: str) -> float:
-    return 2.0 if name == "two_minibatches" else 1.0
 
 
 def test_cosine_schedule_warms_up_then_follows_the_cosine_to_min_lr(one_rank: dict) -> None:
